@@ -1,0 +1,45 @@
+"""Tiny random-init checkpoints of each supported family, written with transformers (the
+oracle) so that pdserve loads exactly what transformers runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    # name: (config class name, extra config)
+    "llama": ("LlamaConfig", {}),
+    "llama3_rope": ("LlamaConfig", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}}),
+    "llama_tied_mha": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, dtype=torch.float32,
+                         **overrides) -> Path:
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    cfg_cls = getattr(transformers, cls_name)
+    kwargs = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    cfg = cfg_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # Default init (std 0.02) makes near-uniform logits; widen so greedy choices are decisive.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(out)
+    return out
