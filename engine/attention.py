@@ -82,8 +82,8 @@ def _attend(
     qf = q.float().transpose(0, 1)  # [H, q_len, d]
     kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, seq_len, d]
     vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-    k_pos = torch.arange(seq_len).unsqueeze(0)
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
     mask = k_pos <= q_pos  # [q_len, seq_len]
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
     return out.transpose(0, 1).to(q.dtype)

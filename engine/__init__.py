@@ -1,0 +1,1 @@
+"""pdserve engine: the model runtime every prefill and decode worker shares."""
