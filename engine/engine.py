@@ -209,9 +209,11 @@ class LLMEngine:
     def _append_token(self, req: Request, token: int, logprob) -> RequestOutput:
         req.token_ids.append(token)
         stream = self.streams[req.request_id]
+        reason = self._stop_reason(req, token)
         if stream.detok is not None:
             stream.detok.add(token)
-        reason = self._stop_reason(req, token)
+            if reason is not None:
+                stream.detok.flush()  # release a held-back partial character at the end
         out = RequestOutput(req.request_id, [token], logprobs=[logprob] if logprob else [],
                             num_prompt_tokens=req.num_prompt_tokens,
                             num_cached_tokens=req.num_cached_tokens)

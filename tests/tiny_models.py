@@ -43,3 +43,37 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, dtype=torch.floa
                 p.normal_(0, 0.08)
     model.to(dtype).save_pretrained(out)
     return out
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Über naïve café, 東京 and emoji 🙂 too.",
+    "def add(a, b):\n    return a + b  # 12345 67890",
+    "Hello world! How are you today? I am fine, thanks for asking.",
+] * 20
+
+
+def add_tiny_tokenizer(model_dir: Path, vocab_size: int = 320) -> Path:
+    """A byte-level BPE tokenizer trained on a small corpus, with ChatML special tokens and a
+    chat template: enough to exercise text paths (stop strings, streaming, chat) quickly."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+    }))
+    return model_dir
