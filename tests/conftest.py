@@ -7,6 +7,15 @@ import pytest
 
 # Keep torch from oversubscribing the 2-core CI box when pytest and torch both spawn threads.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Triton kernels run under the interpreter without a GPU. The flag must be set before triton
+# is first imported anywhere in the process, so it is set here, before any test module loads.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")
