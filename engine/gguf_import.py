@@ -114,10 +114,13 @@ def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ValueError(f"GGUF file not found: {gguf_path}")
-    reader = GGUFReader(gguf_path)
+    reader = _open(gguf_path)
     _check_architecture(reader, gguf_path)
     vocab = read_vocab(reader, gguf_path)
     hparams = read_hparams(reader, gguf_path)
+    if len(vocab.tokens) > hparams.vocab_size:
+        raise ValueError(f"{gguf_path}: {len(vocab.tokens)} tokens but only "
+                         f"{hparams.vocab_size} embedding rows")
     try:  # before the slow tensor pass, so an unsupported tokenizer fails fast
         tokenizer = build_tokenizer(vocab)
     except ValueError as exc:
@@ -134,6 +137,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
         _write_json(tmp / "generation_config.json", _generation_config(vocab))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(vocab))
         _write_json(tmp / "special_tokens_map.json", _special_tokens_map(vocab))
+        _fsync_files(tmp)  # data on disk before the marker, so a crash cannot fake "complete"
         marker = {
             "format_version": IMPORT_FORMAT_VERSION,
             "source": gguf_path.name,
@@ -157,6 +161,13 @@ def is_imported(model_dir: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- metadata
+
+
+def _open(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as exc:  # bad magic, truncated file
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
 def _field(reader: GGUFReader, key: str, source: Path, default: Any = ...) -> Any:
@@ -227,11 +238,14 @@ def read_vocab(reader: GGUFReader, source: Path) -> GGUFVocab:
     def get(key: str, default: Any = ...) -> Any:
         return _field(reader, f"tokenizer.{key}", source, default)
 
+    tokens = list(get("ggml.tokens"))
+
     def token_id(key: str) -> int | None:
         value = get(f"ggml.{key}", None)
+        if value is not None and not 0 <= int(value) < len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.{key} {value} is outside the vocabulary")
         return None if value is None else int(value)
 
-    tokens = list(get("ggml.tokens"))
     return GGUFVocab(
         model=get("ggml.model"),
         pre=get("ggml.pre", "default"),
@@ -515,6 +529,12 @@ def _tokenizer_config(vocab: GGUFVocab) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _fsync_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

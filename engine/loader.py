@@ -72,7 +72,7 @@ def load_weights(model: LlamaModel, path: str | Path, dtype: torch.dtype) -> Non
         except Exception as e:  # safetensors raises its own error types
             raise ConfigError(f"{file}: cannot read safetensors: {e}") from e
         with handle as f:
-            for hf_name in f.keys():
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open handle, not a dict)
                 if hf_name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if tied and hf_name == "lm_head.weight":

@@ -16,7 +16,6 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig, RopeConfig
 from engine.parallel import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,

@@ -49,10 +49,6 @@ def read_slice(src: Any, dim: int, start: int, size: int) -> torch.Tensor:
     return part if isinstance(part, torch.Tensor) else torch.as_tensor(part)
 
 
-def shape_of(src: Any) -> tuple[int, ...]:
-    return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())
-
-
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != {tuple(param.shape)}")

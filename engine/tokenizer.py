@@ -7,9 +7,9 @@ the one `engine.gguf_import` writes.
 
 Contract: `Tokenizer` produces the same ids, text and rendered chat as transformers'
 `AutoTokenizer` on the same directory:
-  * `encode(text)` adds BOS/EOS the way transformers does: from `add_bos_token` /
-    `add_eos_token` in tokenizer_config when given there (or when tokenizer.json has no
-    post-processor), else from tokenizer.json's own post-processor.
+  * `encode(text)` adds special tokens with tokenizer.json's post-processor, except that
+    `add_bos_token` / `add_eos_token`, when tokenizer_config states them, decide BOS/EOS
+    (see `_apply_bos_eos_flags` for how this relates to transformers 4 and 5).
   * `apply_chat_template` renders with the same sandboxed jinja environment and globals as
     transformers; `encode_chat` encodes the result with `add_special_tokens=False`, because
     the template already writes any BOS it wants.
@@ -23,10 +23,11 @@ import json
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
@@ -63,6 +64,22 @@ def _chat_template_from(config: dict[str, Any], model_dir: Path) -> str | None:
     return jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers uses it to mark assistant tokens
+    for training masks; for rendering, its body is output as is."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(
+            self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
 def _compile_chat_template(source: str) -> jinja2.Template:
     """Compile like transformers' `_compile_jinja_template` (same env options and globals)."""
 
@@ -79,7 +96,8 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         return datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
@@ -135,27 +153,42 @@ class Tokenizer:
         return None if token is None else self._backend.token_to_id(token)
 
     def _apply_bos_eos_flags(self) -> None:
-        # transformers rebuilds the post-processor from these flags when the config states
-        # them (or tokenizer.json has none); otherwise tokenizer.json's post-processor rules.
-        explicit = "add_bos_token" in self._config or "add_eos_token" in self._config
-        if not explicit and self._backend.post_processor is not None:
+        """Make `add_bos_token` / `add_eos_token` from tokenizer_config win over tokenizer.json.
+
+        Without the flags, tokenizer.json's post-processor decides (as in transformers). With
+        them, BOS/EOS is added or removed accordingly: transformers 4's Llama-family tokenizers
+        did this; transformers 5 ignores the flags when tokenizer.json exists. The two agree on
+        every checkpoint whose files agree with each other, including our GGUF imports.
+        """
+        flags = {k: bool(self._config[k]) for k in ("add_bos_token", "add_eos_token")
+                 if k in self._config}
+        if not flags:
             return
-        specials: list[tuple[str, int]] = []
-        parts: dict[str, str] = {"bos": "", "eos": ""}
-        for flag, name, side in (("add_bos_token", "bos_token", "bos"),
-                                 ("add_eos_token", "eos_token", "eos")):
-            text = self.special_tokens.get(name)
-            token_id = self._id_of(text)
-            if self._config.get(flag) and text is not None and token_id is not None:
-                specials.append((text, token_id))
-                parts[side] = text
-        bos = f"{parts['bos']}:0 " if parts["bos"] else ""
-        eos = f" {parts['eos']}:0" if parts["eos"] else ""
-        bos1 = f" {parts['bos']}:1" if parts["bos"] else ""
-        eos1 = f" {parts['eos']}:1" if parts["eos"] else ""
+        # What the current post-processor adds around one sequence.
+        plain = self._backend.encode("a", add_special_tokens=False).ids
+        full = self._backend.encode("a", add_special_tokens=True).ids
+        if not plain:  # cannot tell added tokens from content; leave tokenizer.json alone
+            return
+        start = next(i for i in range(len(full) - len(plain) + 1)
+                     if full[i:i + len(plain)] == plain)
+        prefix, suffix = full[:start], full[start + len(plain):]
+        bos_id = self._id_of(self.special_tokens.get("bos_token"))
+        eos_id = self._id_of(self.special_tokens.get("eos_token"))
+        if "add_bos_token" in flags:
+            prefix = [i for i in prefix if i != bos_id]
+            prefix = [bos_id] + prefix if flags["add_bos_token"] and bos_id is not None else prefix
+        if "add_eos_token" in flags:
+            suffix = [i for i in suffix if i != eos_id]
+            suffix = suffix + [eos_id] if flags["add_eos_token"] and eos_id is not None else suffix
+
+        def template(ids: list[int], type_id: int) -> list[str]:
+            return [f"{self._backend.id_to_token(i)}:{type_id}" for i in ids]
+
+        single = [*template(prefix, 0), "$A:0", *template(suffix, 0)]
+        pair = [*single, *template(prefix, 1), "$B:1", *template(suffix, 1)]
         self._backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}$A:0{eos}", pair=f"{bos}$A:0{eos}{bos1} $B:1{eos1}",
-            special_tokens=specials,
+            single=" ".join(single), pair=" ".join(pair),
+            special_tokens=[(self._backend.id_to_token(i), i) for i in set(prefix + suffix)],
         )
 
     def _stop_ids(self, generation_config: dict[str, Any]) -> set[int]:
@@ -213,14 +246,18 @@ class Tokenizer:
             )
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ChatTemplateError("chat messages must be a list of {'role', 'content'} dicts")
-        if self._compiled_template is None:
-            self._compiled_template = _compile_chat_template(self.chat_template)
+        if not messages:  # transformers refuses these too
+            raise ChatTemplateError("cannot apply the chat template to an empty message list")
         variables: dict[str, Any] = {"tools": None, "documents": None, **self.special_tokens}
         variables.update(template_vars)
         try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_chat_template(self.chat_template)
             return self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **variables
             )
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"the model's chat template does not compile: {exc}") from exc
         except jinja2.exceptions.TemplateError as exc:
             raise ChatTemplateError(f"chat template rejected the messages: {exc}") from exc
 

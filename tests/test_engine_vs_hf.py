@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 def make_engine(path, **kw) -> LLMEngine:

@@ -26,11 +26,11 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, dtype=torch.floa
 
     cls_name, extra = FAMILIES[family]
     cfg_cls = getattr(transformers, cls_name)
-    kwargs = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
+    kwargs = {
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    }
     kwargs.update(extra)
     kwargs.update(overrides)
     cfg = cfg_cls(**kwargs)
