@@ -116,21 +116,21 @@ def decode_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Batched: gather each sequence's blocks into a padded [B, max_len] context, mask the pad."""
+    """Batched: gather each sequence's blocks into a padded [B, max_len] context, mask the pad.
+    Query heads are grouped per KV head ([B, kv_heads, group, d]) so K/V are not repeated."""
     num_decodes, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :num_blocks].long()
-    k = k_cache[table].reshape(num_decodes, -1, num_kv_heads, head_dim)[:, :max_len]
-    v = v_cache[table].reshape(num_decodes, -1, num_kv_heads, head_dim)[:, :max_len]
-    group = num_heads // num_kv_heads
-    qf = q.float().unsqueeze(2)  # [B, H, 1, d]
-    kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, L, d]
-    vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None, None, :], scale=scale)
-    return out.squeeze(2).to(q.dtype)
+    k = k_cache[table].reshape(num_decodes, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    v = v_cache[table].reshape(num_decodes, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    qg = q.float().view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    pad = torch.arange(max_len, device=q.device)[None, :] >= seq_lens[:, None].to(q.device)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,blhd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(num_decodes, num_heads, head_dim).to(q.dtype)
 
 
 class TorchAttentionBackend:

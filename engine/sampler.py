@@ -32,7 +32,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         logits = logits.float()
         self._apply_penalties(logits, requests)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        want_logprobs = any(r.sampling.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = torch.empty(len(requests), dtype=torch.long)
         greedy = torch.tensor([r.sampling.greedy for r in requests])
         if greedy.any():
@@ -90,7 +91,9 @@ class Sampler:
         return filtered / filtered.sum(dim=-1, keepdim=True)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]):
+    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, requests: list[Request]):
+        if raw is None:
+            return [None] * len(requests)
         results = []
         for i, req in enumerate(requests):
             n = req.sampling.logprobs
