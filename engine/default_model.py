@@ -116,10 +116,11 @@ def _import_lock(out_dir: Path) -> Iterator[None]:
     with open(lock_path, "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            # import_gguf writes into ".<name>.tmp-*" siblings; with the lock held, any still
-            # there belong to an import that was killed (SIGKILL skips its cleanup).
-            for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            # import_gguf works in ".<name>.tmp-*" / ".<name>.old-*" siblings; with the lock
+            # held, any still there belong to an import that was killed (SIGKILL skips cleanup).
+            for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+                for stale in out_dir.parent.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -17,7 +17,10 @@ Contract of `import_gguf(gguf_path, out_dir)`:
     own GGUF loader produces. No transformers or accelerate is needed.
   * The tokenizer is rebuilt with the `tokenizers` library from the GGUF vocabulary, merges and
     token types (byte-level BPE only), following the pre-tokenizer the file names in
-    `tokenizer.ggml.pre` (see `_PRE_TOKENIZERS`).
+    `tokenizer.ggml.pre` (see `_PRE_TOKENIZERS`). For "smollm" that is digits split one by one
+    before the GPT-2 regex, as llama.cpp and SmolLM2's own tokenizer.json do. transformers'
+    GGUF loader ignores that name and splits like plain GPT-2, so it differs from us (and
+    from the model's training) where whitespace directly precedes a digit.
   * Anything unsupported (architecture, tokenizer model, pre-tokenizer, RoPE scaling, MoE,
     unknown tensors) or missing (a required key or tensor) raises `ValueError` naming it.
 """
