@@ -133,10 +133,22 @@ def decode_attention_ref(
     return out.reshape(num_decodes, num_heads, head_dim).to(q.dtype)
 
 
-class TorchAttentionBackend:
-    """The reference backend: the model calls `forward` once per layer."""
+class AttentionBackend:
+    """What the model calls once per layer: store the new K/V, then attend. Backends supply
+    the three steps; the split of the batch into prefills and decodes lives here, once."""
 
-    name = "torch"
+    name = "base"
+
+    def store(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        raise NotImplementedError
+
+    def prefill(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               out: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -148,23 +160,31 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
         n = meta.num_prefill_tokens
-        parts = []
         if meta.num_prefills:
-            parts.append(
-                prefill_attention_ref(
-                    q[:n], k_cache, v_cache, meta.query_start_loc, meta.prefill_seq_lens,
-                    meta.prefill_block_tables, scale,
-                )
-            )
+            self.prefill(q[:n], k_cache, v_cache, meta, scale, out[:n])
         if meta.num_decodes:
-            parts.append(
-                decode_attention_ref(
-                    q[n:], k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, scale
-                )
-            )
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.decode(q[n:], k_cache, v_cache, meta, scale, out[n:])
+        return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The reference backend."""
+
+    name = "torch"
+
+    def store(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k_cache, v_cache, meta, scale, out) -> None:
+        out.copy_(prefill_attention_ref(q, k_cache, v_cache, meta.query_start_loc,
+                                        meta.prefill_seq_lens, meta.prefill_block_tables, scale))
+
+    def decode(self, q, k_cache, v_cache, meta, scale, out) -> None:
+        out.copy_(decode_attention_ref(q, k_cache, v_cache, meta.decode_seq_lens,
+                                       meta.decode_block_tables, scale))
 
 
 def get_attention_backend(name: str):

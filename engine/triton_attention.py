@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionBackend, AttentionMetadata
 
 LOG2E = 1.4426950408889634
 
@@ -449,8 +449,8 @@ def prefill_attention(
     return out
 
 
-class TritonAttentionBackend:
-    """Triton backend; `forward` matches TorchAttentionBackend.forward.
+class TritonAttentionBackend(AttentionBackend):
+    """Triton backend; the batch split and call order come from AttentionBackend.forward.
 
     decode_num_splits: None picks split-K by `choose_num_splits`; 1 forces the single-pass
     decode kernel, n > 1 forces n splits (tests and benchmarks use this to pin a path).
@@ -463,29 +463,17 @@ class TritonAttentionBackend:
             raise ValueError(f"decode_num_splits must be >= 1 or None, got {decode_num_splits}")
         self.decode_num_splits = decode_num_splits
 
-    def forward(
-        self,
-        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
-        n = meta.num_prefill_tokens
-        if meta.num_prefills:
-            prefill_attention(
-                q[:n], k_cache, v_cache, meta.query_start_loc, meta.prefill_seq_lens,
-                meta.prefill_block_tables, scale, max_query_len=meta.max_prefill_query_len,
-                out=out[:n],
-            )
-        if meta.num_decodes:
-            decode_attention(
-                q[n:], k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, scale,
-                max_seq_len=meta.max_decode_seq_len, num_splits=self.decode_num_splits,
-                out=out[n:],
-            )
-        return out
+    def store(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, out) -> None:
+        prefill_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.prefill_seq_lens,
+            meta.prefill_block_tables, scale, max_query_len=meta.max_prefill_query_len, out=out,
+        )
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, out) -> None:
+        decode_attention(
+            q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables, scale,
+            max_seq_len=meta.max_decode_seq_len, num_splits=self.decode_num_splits, out=out,
+        )
