@@ -4,7 +4,7 @@
    `generate` run one request at a time: output tokens/s, prefill included on both sides.
 2. Single-stream decode tokens/s (prefill excluded): engine vs transformers `generate`.
 
-Usage: python bench/engine.py [--model PATH] [--requests 32] [--output-len 64] [--out r.json]
+Usage: python -m bench.engine [--model PATH] [--requests 32] [--output-len 64] [--out r.json]
 """
 
 from __future__ import annotations

@@ -54,18 +54,29 @@ def _target(name: str) -> tuple[str, object]:
     return name, None
 
 
+def _hf_name(pname: str, shard: object) -> str:
+    """The checkpoint tensor name that fills (parameter, shard): the inverse of _target."""
+    for hf, (ours, sid) in _FUSED.items():
+        if ours in pname and sid == shard:
+            pname = pname.replace(ours, hf)
+            break
+    return pname if pname.startswith("lm_head") else f"model.{pname}"
+
+
+def _expected_shards(pname: str) -> set:
+    if ".qkv_proj." in pname:
+        return {"q", "k", "v"}
+    if ".gate_up_proj." in pname:
+        return {0, 1}
+    return {None}
+
+
 def load_weights(model: LlamaModel, path: str | Path, dtype: torch.dtype) -> None:
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected_loads: dict[str, int] = {}
-    for pname in params:
-        shards = 3 if ".qkv_proj.weight" in pname or ".qkv_proj.bias" in pname else 1
-        shards = 2 if ".gate_up_proj." in pname else shards
-        expected_loads[pname] = shards
     tied = model.cfg.tie_word_embeddings
-    if tied:
-        expected_loads.pop("lm_head.weight", None)
-    done: dict[str, int] = {}
+    expected = {p: _expected_shards(p) for p in params if not (tied and p == "lm_head.weight")}
+    loaded: dict[str, set] = {p: set() for p in expected}
     for file in safetensors_files(path):
         try:
             handle = safe_open(str(file), framework="pt")
@@ -85,10 +96,10 @@ def load_weights(model: LlamaModel, path: str | Path, dtype: torch.dtype) -> Non
                     param.weight_loader(param, _DtypeSlice(f.get_slice(hf_name), dtype), shard)
                 except ValueError as e:
                     raise ConfigError(f"{file.name}: tensor {hf_name!r}: {e}") from e
-                done[pname] = done.get(pname, 0) + 1
-    missing = [p for p, n in expected_loads.items() if done.get(p, 0) < n]
+                loaded[pname].add(shard)
+    missing = [_hf_name(p, s) for p, shards in expected.items() for s in shards - loaded[p]]
     if missing:
-        raise ConfigError(f"{path}: checkpoint lacks weights for {missing[:8]}"
+        raise ConfigError(f"{path}: checkpoint lacks tensors {missing[:8]}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
 
