@@ -1,0 +1,1 @@
+"""The router: front door, prefix-cache index client, SLO-aware scheduling."""
