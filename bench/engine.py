@@ -52,12 +52,20 @@ def engine_decode_rate(engine: LLMEngine, prompt, out_len: int) -> float:
 
 
 def hf_generate(model, prompt, out_len: int) -> float:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
+    _sync(model.device)
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
                          min_new_tokens=out_len, do_sample=False, pad_token_id=0)
     assert out.shape[1] - ids.shape[1] == out_len
+    _sync(model.device)
     return time.perf_counter() - t0
+
+
+def _sync(device) -> None:
+    """Honest timing on a GPU: wait for queued kernels before reading the clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -67,14 +75,20 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--single-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (then the Triton backend)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--attention-backend", default=None, choices=["torch", "triton"],
+                    help="default: triton on CUDA, torch on CPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import transformers
 
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(64, args.requests)))
+    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(64, args.requests),
+                                    device=args.device, dtype=args.dtype,
+                                    attention_backend=args.attention_backend))
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        engine.model_path, dtype=torch.float32).eval()
+        engine.model_path, dtype=engine.config.torch_dtype).to(args.device).eval()
     prompts = make_prompts(engine, args.requests, args.seed)
     with torch.inference_mode():
         # Warm both sides up once.
@@ -93,8 +107,11 @@ def main() -> None:
         hf_single = (args.single_len - 1) / (t_full - t_one)
 
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"torch threads",
+        "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                    f"{platform.processor() or platform.machine()}, "
+                    f"{torch.get_num_threads()} torch threads"),
+        "device": args.device, "dtype": args.dtype,
+        "attention_backend": engine.runner.backend.name,
         "model": str(engine.model_path.name),
         "requests": args.requests, "output_len": args.output_len,
         "mean_prompt_len": sum(map(len, prompts)) / len(prompts),
