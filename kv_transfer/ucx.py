@@ -194,13 +194,11 @@ def _peer(conn: Conn) -> _Peer | None:
     return conn.extra.get("peer")
 
 
-class UcxReceiver(TcpReceiver):
-    scheme = "ucx"
+class _UcxHandshake:
+    """Both ends swap UCX worker addresses in the TCP HELLO, then build endpoints from them
+    (that is what lets UCX pick shared memory; see the module docstring)."""
 
-    def __init__(self, pool: KVPool, host: str = "127.0.0.1", port: int = 0,
-                 name: str | None = None, config: UcxConfig | None = None):
-        self._ucx = _Ucx(config or UcxConfig(), name or "ucx-rx")
-        super().__init__(pool, host, port, name)
+    _ucx: _Ucx
 
     def _hello_payload(self, conn: Conn) -> bytes:
         return self._ucx.address
@@ -212,6 +210,15 @@ class UcxReceiver(TcpReceiver):
 
     def _ep(self, conn: Conn):
         return conn.extra["peer"].get(self._ucx)
+
+
+class UcxReceiver(_UcxHandshake, TcpReceiver):
+    scheme = "ucx"
+
+    def __init__(self, pool: KVPool, host: str = "127.0.0.1", port: int = 0,
+                 name: str | None = None, config: UcxConfig | None = None):
+        self._ucx = _Ucx(config or UcxConfig(), name or "ucx-rx")
+        super().__init__(pool, host, port, name)
 
     def _prepare(self, conn: Conn, inc: Incoming) -> None:
         lay, ucx = self.pool.layout, self._ucx
@@ -258,24 +265,13 @@ class UcxReceiver(TcpReceiver):
         self._ucx.stop()
 
 
-class UcxSender(TcpSender):
+class UcxSender(_UcxHandshake, TcpSender):
     scheme = "ucx"
 
     def __init__(self, pool: KVPool, connect_timeout_s: float = 5.0,
                  config: UcxConfig | None = None):
         self._ucx = _Ucx(config or UcxConfig(), "ucx-tx")
         super().__init__(pool, connect_timeout_s)
-
-    def _hello_payload(self, conn: Conn) -> bytes:
-        return self._ucx.address
-
-    def _on_hello(self, conn: Conn, payload: bytes) -> None:
-        if not payload:
-            raise HeaderError("UCX HELLO without a worker address")
-        conn.extra["peer"] = _Peer(payload)
-
-    def _ep(self, conn: Conn):
-        return conn.extra["peer"].get(self._ucx)
 
     def _send_layer_data(self, session: TcpSession, layer: int) -> None:
         ucx, lay = self._ucx, self.pool.layout
