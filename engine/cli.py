@@ -1,4 +1,5 @@
-"""`pdserve` command line: a thin layer that builds configs and calls the engine."""
+"""`pdserve` command line: a thin layer that builds configs and calls the engine, the cluster
+launcher (`up`) or the gRPC client (`generate --address`)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,24 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_model_len=args.max_model_len)
 
 
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          stop=args.stop or [])
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.address:
+        from router.client import run_generate
+
+        return run_generate(args.address, prompt=args.prompt, chat=args.chat,
+                            sampling=_sampling(args), ttft_ms=args.ttft_ms,
+                            tpot_ms=args.tpot_ms, priority=args.priority)
     from engine.engine import LLMEngine
 
     engine = LLMEngine(_engine_config(args))
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              stop=args.stop or [])
+    sampling = _sampling(args)
     reason = None
     for out in engine.stream(prompt, sampling):
         sys.stdout.write(out.text)
@@ -41,6 +52,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
         reason = out.finish_reason
     sys.stdout.write("\n")
     print(f"[finish_reason={reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from router.cluster import ClusterConfig, LocalCluster
+    from router.server import RouterConfig
+
+    engine = {"dtype": args.dtype, "device": args.device}
+    if args.attention_backend:
+        engine["attention_backend"] = args.attention_backend
+    if args.max_model_len:
+        engine["max_model_len"] = args.max_model_len
+    if args.kv_cache_mib:
+        engine["kv_cache_memory_bytes"] = args.kv_cache_mib * 2**20
+    config = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
+                           redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
+                           port=args.port, transport=args.transport, engine=engine,
+                           worker_num_gpus=args.worker_gpus,
+                           router=RouterConfig(max_queue=args.max_queue))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"pdserve: starting {args.prefill} prefill + {args.decode} decode workers ...",
+          file=sys.stderr)
+    with LocalCluster(config) as cluster:
+        index = "redis " + cluster.redis_url.rsplit("@", 1)[-1] if cluster.redis_url else \
+            "in process"
+        print(f"pdserve: gRPC API on {cluster.address} (prefix index: {index})", file=sys.stderr)
+        if args.prompt is not None:
+            from router.client import run_generate
+
+            return run_generate(cluster.address, prompt=args.prompt, chat=True,
+                                sampling=SamplingParams(max_tokens=args.max_tokens,
+                                                        temperature=0.0))
+        print("pdserve: serving; Ctrl-C stops the cluster", file=sys.stderr)
+        stop.wait()
+        print("pdserve: shutting down", file=sys.stderr)
     return 0
 
 
@@ -67,7 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                      help="apply the model's chat template (default on)")
+    gen.add_argument("--address", default=None,
+                     help="HOST:PORT of a running cluster (`pdserve up`); without it the "
+                          "model runs in this process")
+    gen.add_argument("--ttft-ms", type=float, default=0.0, help="TTFT SLO (with --address)")
+    gen.add_argument("--tpot-ms", type=float, default=0.0, help="TPOT SLO (with --address)")
+    gen.add_argument("--priority", type=int, default=0, help="higher first (with --address)")
     gen.set_defaults(func=cmd_generate)
+
+    up = sub.add_parser("up", help="start a local cluster: Ray, prefill/decode pools, router")
+    _add_engine_args(up)
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--redis", default=None, metavar="URL",
+                    help="prefix index Redis URL (default: start redis-server if on PATH, "
+                         "else keep the index in the router's process)")
+    up.add_argument("--no-redis", action="store_true", help="never start a local redis-server")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free one)")
+    up.add_argument("--transport", default="auto", choices=["auto", "ucx", "tcp"],
+                    help="KV transport (auto: UCX where ucxx imports, else TCP)")
+    up.add_argument("--kv-cache-mib", type=int, default=None, help="KV pool per worker")
+    up.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor")
+    up.add_argument("--max-queue", type=int, default=256,
+                    help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED")
+    up.add_argument("--prompt", default=None,
+                    help="send this chat prompt through the cluster, stream the reply, exit")
+    up.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
+    up.set_defaults(func=cmd_up)
 
     imp = sub.add_parser("import-model", help="fetch/import a model into the cache, print path")
     imp.add_argument("--model", default=None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from engine.parallel import TPGroup
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ class KVExport:
     block_size: int
     k: torch.Tensor  # [num_layers, num_blocks, block_size, kv_heads, head_dim]
     v: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """The prompt's KV blocks of a prefill-mode request, in order, and what rides with them."""
+
+    block_ids: list[int]  # covers the prompt's tokens; later slots are not shipped
+    num_computed_tokens: int  # the prompt's tokens
+    output_token_ids: tuple[int, ...]  # sampled so far (the first token once prefilled)
+    num_cached_tokens: int  # prompt tokens that came from this worker's prefix cache
 
 
 @dataclass
@@ -104,6 +114,9 @@ class LLMEngine:
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = eos
+        # Prefill mode: called with each step's schedule before the forward pass; may return
+        # a per-layer callback (model.forward's `on_layer`) that ships finished layers' KV.
+        self.kv_layer_hook: Callable[[SchedulerOutput], Callable[[int], None] | None] | None = None
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -196,7 +209,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return outputs
-        logits, to_sample = self.runner.execute(sched)
+        on_layer = self.kv_layer_hook(sched) if self.kv_layer_hook is not None else None
+        logits, to_sample = self.runner.execute(sched, on_layer=on_layer)
         for req in sched.requests:
             req.num_computed_tokens += sched.num_scheduled_tokens[req.request_id]
             self.block_manager.cache_computed_blocks(req)
@@ -286,6 +300,15 @@ class LLMEngine:
     def block_table(self, request_id: str) -> list[int]:
         return list(self._held(request_id).block_table)
 
+    def kv_handoff(self, request_id: str) -> KVHandoff:
+        """Prefill mode: what a transport ships for a prefilled (or finishing) request."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"request {request_id!r} is not known here")
+        n_blocks = self.block_manager.blocks_needed(req.num_prompt_tokens)
+        return KVHandoff(req.block_table[:n_blocks], req.num_prompt_tokens,
+                         tuple(req.output_token_ids), req.num_cached_tokens)
+
     def release(self, request_id: str) -> None:
         """Prefill mode: the KV has been shipped; drop the held blocks (they stay cached)."""
         req = self._held(request_id)
@@ -336,7 +359,11 @@ class LLMEngine:
             req.token_ids.append(token)
             if stream.detok is not None:
                 stream.detok.add(token)  # already streamed by the prefill side
-        stream.emitted_chars = len(stream.detok.text) if stream.detok is not None else 0
+        if stream.detok is not None:
+            # The prefill side streamed exactly this much: the same detokenizer and stop-string
+            # hold-back over the same tokens (it would have finished the request on a stop).
+            stream.emitted_chars, _ = self._visible_end(stream.detok.text, req.sampling.stop,
+                                                        False)
         self.block_manager.cache_computed_blocks(req)
         self.scheduler.add_running(req)
 

@@ -9,6 +9,7 @@ so that tensor parallelism is a TPGroup argument, not a rewrite.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -171,10 +172,15 @@ class LlamaModel(nn.Module):
         k_caches: torch.Tensor,  # [num_layers, num_blocks, block_size, kv_heads, head_dim]
         v_caches: torch.Tensor,
         meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
+        """`on_layer(i)` runs once layer i has written its KV: the prefill worker ships that
+        layer's blocks while the later layers compute."""
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, k_caches[i], v_caches[i], meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

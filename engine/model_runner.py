@@ -7,6 +7,8 @@ contiguous, which is what KV export/import and transports move.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
@@ -61,7 +63,8 @@ class ModelRunner:
             self.v_cache[:, dst] = self.v_cache[:, src]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, all_logits: bool = False
+    def execute(self, sched: SchedulerOutput, all_logits: bool = False,
+                on_layer: Callable[[int], None] | None = None
                 ) -> tuple[torch.Tensor, list[Request]]:
         """Run one forward pass. Returns logits for the requests that reached the end of
         their known tokens this step (those get a sampled token), and those requests.
@@ -87,7 +90,7 @@ class ModelRunner:
         dev = self.device
         hidden = self.model(
             torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
-            self.k_cache, self.v_cache, meta,
+            self.k_cache, self.v_cache, meta, on_layer,
         )
         if all_logits:
             return self.model.compute_logits(hidden).cpu(), ordered

@@ -280,9 +280,10 @@ class UcxSender(_UcxHandshake, TcpSender):
             segs = session.extra["segs"] = paired_runs(session.src, session.dst)
             _messages(lay.num_layers, segs)
             session.extra["reqs"] = []
-        ep, reqs = self._ep(session._conn), session.extra["reqs"]
+        reqs = session.extra["reqs"]
         index = layer * 2 * len(segs)
         try:
+            ep = self._ep(session._conn)  # endpoint creation fails if the peer just died
             for kv in (0, 1):
                 for seg in segs:
                     buf = ucx.buffer(self.pool, kv, layer, seg.src, seg.count)

@@ -1,125 +1,23 @@
-"""Start and stop a throwaway real `redis-server` for tests.
-
-Contract:
-- `start_redis_server(tmp_path)` starts one redis-server bound to 127.0.0.1 on a free port (or
-  the `port` given, e.g. to restart on the same address after a kill), with no persistence
-  (`--save '' --appendonly no`) and its working dir and log under `tmp_path`. It returns
-  `(port, Popen)` once the server answers PING, and raises RuntimeError otherwise.
-- `stop_redis_server(proc)` stops exactly that process (by its Popen, never by name).
-- `running_redis_server(tmp_path)` is the context-manager form of the two.
-- `REDIS_SERVER` is the binary's path, or None when it is not on PATH (tests skip then).
-- `redis_port` is a session-scoped pytest fixture (one server for the whole run; tests keep
-  apart by key namespace). Import it into a test module, or list this module in a conftest's
-  `pytest_plugins`.
-
-Only the standard library (and pytest) is used: no redis-py needed to import this.
+"""Real redis-server for tests: the `redis_port` session fixture (one server for the whole run;
+tests keep apart by key namespace). Import it into a test module, or list this module in a
+conftest's `pytest_plugins`. The process helpers live in router/redis_local.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-REDIS_SERVER = shutil.which("redis-server")
-SKIP_REASON = "redis-server is not on PATH (apt-get install -y redis-server)"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ping(port: int, password: str | None = None, timeout_s: float = 0.2) -> bool:
-    """True when a Redis server on 127.0.0.1:port answers PING (raw RESP, no client lib)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-            if password is not None:
-                s.sendall(_resp("AUTH", password))
-                if not s.recv(64).startswith(b"+OK"):
-                    return False
-            s.sendall(_resp("PING"))
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _resp(*args: str) -> bytes:
-    out = [f"*{len(args)}\r\n".encode()]
-    for a in args:
-        b = a.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
-
-
-def start_redis_server(
-    tmp_path: Path,
-    port: int | None = None,
-    extra_args: Sequence[str] = (),
-    password: str | None = None,
-    timeout_s: float = 10.0,
-) -> tuple[int, subprocess.Popen]:
-    if REDIS_SERVER is None:
-        raise RuntimeError(SKIP_REASON)
-    tmp_path = Path(tmp_path)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    # A port picked by free_port() can be taken by someone else before redis binds it; try a
-    # few fresh ones. A caller-chosen port (a restart) gets exactly one try.
-    attempts = 1 if port is not None else 3
-    last_log = ""
-    for _ in range(attempts):
-        p = port if port is not None else free_port()
-        log = tmp_path / f"redis-{p}.log"
-        args = [
-            REDIS_SERVER, "--port", str(p), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(tmp_path), "--logfile", str(log),
-            "--daemonize", "no", *extra_args,
-        ]
-        if password is not None:
-            args += ["--requirepass", password]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ping(p, password):
-                return p, proc
-            time.sleep(0.02)
-        stop_redis_server(proc)
-        last_log = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise RuntimeError(f"redis-server did not start; log tail:\n{last_log}")
-
-
-def stop_redis_server(proc: subprocess.Popen, kill: bool = False) -> None:
-    """Stop the server we started: SIGTERM (or SIGKILL for `kill=True`), then reap it."""
-    if proc.poll() is not None:
-        return
-    if kill:
-        proc.kill()
-    else:
-        proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-@contextlib.contextmanager
-def running_redis_server(
-    tmp_path: Path, port: int | None = None, extra_args: Sequence[str] = (),
-    password: str | None = None,
-) -> Iterator[tuple[int, subprocess.Popen]]:
-    port, proc = start_redis_server(tmp_path, port, extra_args, password)
-    try:
-        yield port, proc
-    finally:
-        stop_redis_server(proc)
+from router.redis_local import (  # noqa: F401  (re-exported for tests)
+    REDIS_SERVER,
+    SKIP_REASON,
+    free_port,
+    ping,
+    running_redis_server,
+    start_redis_server,
+    stop_redis_server,
+)
 
 
 @pytest.fixture(scope="session")

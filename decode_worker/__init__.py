@@ -1,0 +1,1 @@
+"""decode worker package (see worker.py)."""

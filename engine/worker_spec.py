@@ -1,0 +1,41 @@
+"""What a pool worker (prefill or decode Ray actor) is told at start, and how it builds its
+engine and KV pool from that. Plain data, so it crosses Ray's process boundary as is."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig, EngineMode
+
+
+@dataclass
+class WorkerSpec:
+    worker_id: str  # e.g. "prefill-0"; also its id in the prefix index
+    model_path: str  # resolved local checkpoint directory (the launcher fetches once)
+    model_id: str  # stable model name for KV headers: both sides must agree
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
+    transport: str = "auto"  # KV transport: ucx | tcp | local | auto
+    redis_url: str | None = None  # prefix index; None = the router keeps it in process
+    heartbeat_s: float = 1.0  # index registration heartbeat
+    ttl_s: float = 5.0  # index registration lifetime without heartbeats
+    kv_timeout_s: float = 30.0  # a reservation not filled by then is freed
+    # Fault injection (tests): prefill sleeps this long before shipping each layer, so that a
+    # peer can be killed while a transfer is in flight.
+    fault_layer_delay_s: float = 0.0
+
+    def engine_config(self, mode: EngineMode) -> EngineConfig:
+        return EngineConfig(**{**self.engine, "model": self.model_path, "mode": mode})
+
+
+def node_host() -> str:
+    """The address other hosts reach this worker's KV receiver on (loopback on one host)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,1 @@
+"""prefill worker package (see worker.py)."""

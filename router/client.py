@@ -1,0 +1,146 @@
+"""A small synchronous gRPC client for the router, and the body of `pdserve generate --address`.
+
+Requests are built with `router.api.build_generate_request`; this module only moves them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.sampling_params import SamplingParams
+from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
+from router.api import build_generate_request
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+# Exit codes of run_generate: bad input and "overloaded, retry later" are worth telling apart
+# in scripts from every other failure.
+EXIT_ERROR, EXIT_INVALID_ARGUMENT, EXIT_RESOURCE_EXHAUSTED = 1, 2, 3
+
+
+@dataclass
+class GenerateResult:
+    """A whole reply: all deltas joined, plus the final message's summary."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    final: pdserve_pb2.FinalInfo | None = None
+
+
+class GenerateClient:
+    """One channel to a router. `timeout_s` is the default deadline per call (None: none)."""
+
+    def __init__(self, address: str, timeout_s: float | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pdserve_pb2_grpc.PDServeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def stream(self, request: pdserve_pb2.GenerateRequest,
+               timeout_s: float | None = None) -> Iterator[pdserve_pb2.GenerateResponse]:
+        """The raw call: iterate it for the messages, `.cancel()` it to abort the request.
+        Iterating raises grpc.RpcError on a failed call."""
+        return self._stub.Generate(request, timeout=self._timeout(timeout_s))
+
+    def generate(self, request: pdserve_pb2.GenerateRequest,
+                 timeout_s: float | None = None) -> GenerateResult:
+        """Run a request to completion; raises grpc.RpcError on a failed call."""
+        result = GenerateResult(request_id=request.request_id)
+        for msg in self.stream(request, timeout_s):
+            result.request_id = msg.request_id or result.request_id
+            result.token_ids.extend(msg.token_ids)
+            result.text += msg.text
+            if msg.HasField("final"):
+                result.final = msg.final
+        if result.final is None:
+            raise RuntimeError(f"stream for request {result.request_id!r} from {self.address} "
+                               "ended without a final message")
+        return result
+
+    def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        """grpc.health.v1 status of `service` ("" = the whole server), e.g. "SERVING"."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                  timeout=self._timeout(timeout_s))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+
+def format_final(final: pdserve_pb2.FinalInfo) -> str:
+    """One bracketed line: finish reason, token counts, per-phase times, placement."""
+    t = final.timing
+    phases = " ".join(f"{name}={getattr(t, name + '_ms'):.1f}ms"
+                      for name in ("queued", "prefill", "transfer", "decode", "ttft", "e2e"))
+    retries = f" retries={final.retries}" if final.retries else ""
+    return (f"[finish_reason={final.finish_reason} prompt={final.prompt_tokens} "
+            f"cached={final.cached_tokens} completion={final.completion_tokens} {phases} "
+            f"prefill_worker={final.prefill_worker} decode_worker={final.decode_worker} "
+            f"transport={final.kv_transport}{retries}]")
+
+
+def _error_message(address: str, e: grpc.RpcError) -> str:
+    code = e.code()
+    details = e.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (f"pdserve: error: UNAVAILABLE: cannot reach the pdserve router at {address} "
+                f"(is it running? check --address): {details}")
+    return f"pdserve: error: {code.name}: {details}"
+
+
+def run_generate(address: str, *, prompt: str, chat: bool, sampling: SamplingParams,
+                 ttft_ms: float = 0.0, tpot_ms: float = 0.0, priority: int = 0,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Stream one reply to `out`, then a summary line to `err`; returns the exit code."""
+    request = build_generate_request(
+        chat=[{"role": "user", "content": prompt}] if chat else None,
+        text=None if chat else prompt,
+        sampling=sampling, ttft_ms=ttft_ms, tpot_ms=tpot_ms, priority=priority)
+    final, wrote = None, False
+    with GenerateClient(address) as client:
+        call = client.stream(request)
+        try:
+            for msg in call:
+                if msg.text:
+                    out.write(msg.text)
+                    out.flush()
+                    wrote = True
+                if msg.HasField("final"):
+                    final = msg.final
+        except grpc.RpcError as e:
+            if wrote:  # end the partial reply's line so the error starts on its own
+                out.write("\n")
+            print(_error_message(address, e), file=err)
+            return {grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID_ARGUMENT,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_RESOURCE_EXHAUSTED,
+                    }.get(e.code(), EXIT_ERROR)
+        except KeyboardInterrupt:
+            call.cancel()  # tells the router to abort the request and free its KV blocks
+            out.write("\n")
+            print("pdserve: cancelled", file=err)
+            return 130
+    out.write("\n")
+    if final is None:
+        print(f"pdserve: error: the stream from {address} ended without a final message",
+              file=err)
+        return EXIT_ERROR
+    print(format_final(final), file=err)
+    return 0

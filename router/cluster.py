@@ -1,0 +1,210 @@
+"""Local cluster launcher (`pdserve up`): Ray, the prefill and decode pools, the prefix index
+(a local `redis-server` when one is on PATH and no URL was given, else in process) and the
+router, all started here and all stopped by `stop()`.
+
+    with LocalCluster(ClusterConfig(num_prefill=1, num_decode=1)) as cluster:
+        print(cluster.address)          # host:port of the gRPC API
+
+The router runs on an asyncio loop in a thread of this process (the Ray driver); workers are
+Ray actors with fractional CPUs, so a 2-core box holds a small cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import Self
+
+from engine.config import ConfigError, ModelConfig
+from engine.default_model import resolve_model
+from engine.tokenizer import Tokenizer
+from engine.worker_spec import WorkerSpec
+from router.prefix_index import PrefixIndex, make_prefix_index, redact_url
+from router.redis_local import start_redis_server, stop_redis_server
+from router.server import ModelInfo, Router, RouterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    model: str | None = None  # checkpoint dir or .gguf; None = the default model
+    num_prefill: int = 1
+    num_decode: int = 1
+    redis_url: str | None = None  # None: start a local redis-server if on PATH, else in process
+    start_redis: bool = True
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port
+    transport: str = "auto"  # KV transport: ucx | tcp | auto (ucx where ucxx imports)
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
+    worker_num_cpus: float = 0.25
+    worker_num_gpus: float = 0.0
+    ray_address: str | None = None  # join this Ray cluster instead of starting one
+    heartbeat_s: float = 1.0
+    ttl_s: float = 5.0
+    router: RouterConfig = field(default_factory=RouterConfig)
+    start_timeout_s: float = 600.0
+    fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ConfigError(f"need at least one prefill and one decode worker, got "
+                              f"--prefill {self.num_prefill} --decode {self.num_decode}")
+        if self.transport not in ("ucx", "tcp", "auto"):
+            raise ConfigError(f"transport {self.transport!r}: a cluster's workers are separate "
+                              "processes, choose ucx, tcp or auto")
+        if "mode" in self.engine or "model" in self.engine:
+            raise ConfigError("engine overrides may not set mode or model")
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig | None = None):
+        self.config = config or ClusterConfig()
+        self.prefill: dict[str, Any] = {}
+        self.decode: dict[str, Any] = {}
+        self.router: Router | None = None
+        self.address = ""
+        self.redis_url: str | None = None
+        self._redis_proc = None
+        self._redis_dir: str | None = None
+        self._started_ray = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> str:
+        import ray
+
+        cfg = self.config
+        model_path = resolve_model(cfg.model)  # fetch/import once, here, not in every worker
+        model_cfg = ModelConfig.from_dir(model_path)
+        self.redis_url = cfg.redis_url or self._maybe_start_redis()
+        index = make_prefix_index(self.redis_url)
+        log.info("prefix index: %s", redact_url(self.redis_url) if self.redis_url
+                 else "in process")
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            n = cfg.num_prefill + cfg.num_decode
+            ray.init(address=cfg.ray_address, include_dashboard=False,
+                     num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
+                                                               n * cfg.worker_num_cpus + 1),
+                     logging_level=logging.WARNING, log_to_driver=True,
+                     runtime_env={"env_vars": {"THP_MEM_ALLOC_ENABLE": "1"}})
+            self._started_ray = True
+        self.prefill, self.decode = self._start_workers(model_path)
+        infos = ray.get([a.ready.remote() for a in [*self.prefill.values(),
+                                                    *self.decode.values()]],
+                        timeout=cfg.start_timeout_s)
+        for info in infos:
+            log.info("worker %s ready (KV transport %s)", info["worker_id"], info["transport"])
+        tokenizer = (Tokenizer.from_dir(model_path)
+                     if (Path(model_path) / "tokenizer.json").is_file() else None)
+        max_len = min(i["max_model_len"] for i in infos if "max_model_len" in i)
+        model = ModelInfo(name=Path(model_path).name, tokenizer=tokenizer,
+                          vocab_size=model_cfg.vocab_size, max_model_len=max_len,
+                          block_size=infos[0]["block_size"])
+        self.router = Router(model, self.prefill, self.decode, index, cfg.router)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="router",
+                                        daemon=True)
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self.router.start(cfg.host, cfg.port),
+                                                self._loop).result(60)
+        self.address = f"{cfg.host}:{port}"
+        return self.address
+
+    def _maybe_start_redis(self) -> str | None:
+        if not self.config.start_redis or shutil.which("redis-server") is None:
+            return None
+        self._redis_dir = tempfile.mkdtemp(prefix="pdserve-redis-")
+        port, self._redis_proc = start_redis_server(Path(self._redis_dir))
+        log.info("started redis-server (pid %d) on 127.0.0.1:%d", self._redis_proc.pid, port)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _start_workers(self, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        import ray
+
+        from decode_worker.worker import DecodeWorker
+        from prefill_worker.worker import PrefillWorker
+
+        cfg = self.config
+        options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
+                       "max_restarts": 0, "max_concurrency": 1000}
+
+        def spec(worker_id: str) -> WorkerSpec:
+            return WorkerSpec(worker_id, str(model_path), Path(model_path).name, cfg.engine,
+                              cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
+                              cfg.router.kv_timeout_s, cfg.fault_layer_delay_s)
+
+        prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(**options).remote(
+            spec(f"prefill-{i}")) for i in range(cfg.num_prefill)}
+        decode = {f"decode-{i}": ray.remote(DecodeWorker).options(**options).remote(
+            spec(f"decode-{i}")) for i in range(cfg.num_decode)}
+        return prefill, decode
+
+    # ---- stop --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop everything this cluster started, in reverse order; safe to call twice."""
+        import ray
+
+        if self.router is not None and self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.router.stop(), self._loop).result(10)
+            except Exception:
+                log.warning("router did not stop cleanly", exc_info=True)
+            self.router = None
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(5)
+            self._loop = None
+        actors = [*self.prefill.values(), *self.decode.values()]
+        if actors and ray.is_initialized():
+            try:
+                ray.get([a.shutdown.remote() for a in actors], timeout=10)
+            except Exception:  # a dead worker has nothing to shut down
+                log.debug("worker shutdown", exc_info=True)
+            for a in actors:
+                ray.kill(a)
+        self.prefill, self.decode = {}, {}
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+        if self._redis_proc is not None:
+            stop_redis_server(self._redis_proc)
+            self._redis_proc = None
+        if self._redis_dir is not None:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
+            self._redis_dir = None
+
+    @property
+    def index(self) -> PrefixIndex | None:
+        return self.router.index if self.router is not None else None
+
+    def call(self, coro) -> Any:
+        """Run a coroutine on the router's loop (tests: inspect router state)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)

@@ -1,0 +1,401 @@
+"""The router: pdserve's front door (DESIGN: "A request's path", steps 1-7).
+
+A gRPC asyncio server. Per request: validate and tokenize (chat template included), hash the
+prompt's blocks, ask the prefix index once which prefill worker holds how much of it, admit or
+reject early (router/slo.py), wait for a prefill slot in deadline-within-priority order,
+reserve KV blocks on a decode worker, have the prefill worker compute and ship the KV into
+them, stream the first token, then stream the decode worker's tokens. A failed KV transfer is
+retried once on another decode worker; client cancel or deadline aborts the request on both
+workers, which frees its blocks.
+
+Workers are Ray actor handles (prefill_worker/worker.py, decode_worker/worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.hashing import chain_hashes
+from engine.tokenizer import Tokenizer
+from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
+from router.api import (
+    InvalidArgument,
+    ParsedRequest,
+    PhaseTimes,
+    delta_response,
+    final_response,
+    parse_generate_request,
+)
+from router.prefix_index import InProcessPrefixIndex, PrefixIndex
+from router.slo import PrefillPlacement, Rejected, RequestInfo, SLOScheduler
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
+
+
+class RequestFailed(RuntimeError):
+    """A request that could not be served for a reason that is not the client's: a worker
+    died, or the KV transfer failed twice. Maps to UNAVAILABLE."""
+
+
+@dataclass
+class RouterConfig:
+    slots_per_prefill_worker: int = 4  # prompts in flight per prefill worker (it batches them)
+    max_queue: int = 256  # requests waiting for a prefill slot before new ones are refused
+    decode_wait_s: float = 30.0  # wait for decode KV space this long without a TTFT SLO
+    kv_timeout_s: float = 30.0  # decode reservation lifetime without its KV
+    stats_interval_s: float = 0.25  # worker stats / in-process index feed period
+    index_ttl_s: float = 5.0  # in-process index: worker registration lifetime
+
+
+@dataclass
+class ModelInfo:
+    name: str  # what clients may put in GenerateRequest.model
+    tokenizer: Tokenizer | None
+    vocab_size: int
+    max_model_len: int  # the smallest any worker accepts
+    block_size: int
+
+
+@dataclass(eq=False)
+class _Run:
+    """One request's progress, for timing and for cleanup on cancel."""
+
+    request_id: str
+    arrival: float
+    prompt_tokens: int
+    worker_rid: str = ""
+    prefill_id: str | None = None
+    decode_id: str | None = None
+    timing: PhaseTimes = field(default_factory=lambda: PhaseTimes(0, 0, 0, 0, 0, 0))
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    transport: str = "none"
+    done: bool = False
+
+
+class Router:
+    def __init__(self, model: ModelInfo, prefill: dict[str, Any], decode: dict[str, Any],
+                 index: PrefixIndex, config: RouterConfig | None = None):
+        self.model = model
+        self.config = config or RouterConfig()
+        self.prefill = dict(prefill)  # worker id -> Ray actor handle
+        self.decode = dict(decode)
+        self.index = index
+        self.index_in_process = isinstance(index, InProcessPrefixIndex)
+        self.slo = SLOScheduler(list(self.prefill), list(self.decode),
+                                slots_per_worker=self.config.slots_per_prefill_worker,
+                                max_queue=self.config.max_queue)
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self.server: grpc.aio.Server | None = None
+        self.counters: dict[str, int] = {"ok": 0, "invalid": 0, "rejected": 0, "failed": 0,
+                                         "cancelled": 0, "retries": 0}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve on host:port (0 = a free port); returns the bound port."""
+        if self.index_in_process:
+            for wid in self.prefill:
+                self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
+        self.server = grpc.aio.server()
+        pdserve_pb2_grpc.add_PDServeServicer_to_server(_Service(self), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        bound = self.server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"could not bind the router to {host}:{port}")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._watch_workers()))
+        log.info("router serving on %s:%d (%d prefill, %d decode workers, index %s)", host,
+                 bound, len(self.prefill), len(self.decode), type(self.index).__name__)
+        return bound
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_s)
+
+    # ---- one request -------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"r{next(self._ids)}-{time.time_ns() % 10**9:09d}"
+
+    def tokenize(self, req: ParsedRequest) -> list[int]:
+        tok = self.model.tokenizer
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], dict)):
+            if tok is None:
+                raise InvalidArgument("this model has no tokenizer: send token_ids")
+            ids = tok.encode(req.prompt) if isinstance(req.prompt, str) else tok.encode_chat(
+                list(req.prompt))
+        else:
+            ids = list(req.prompt)
+            bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise InvalidArgument(f"token_ids {bad[:5]} outside the vocabulary "
+                                      f"[0, {self.model.vocab_size})")
+        if req.sampling.stop and tok is None:
+            raise InvalidArgument("sampling.stop needs a tokenizer: use stop_token_ids")
+        limit = self.model.max_model_len
+        if not ids:
+            raise InvalidArgument("the prompt tokenizes to nothing")
+        if len(ids) >= limit:
+            raise InvalidArgument(f"prompt is {len(ids)} tokens; this cluster serves at most "
+                                  f"{limit - 1} prompt tokens (max_model_len {limit})")
+        return ids
+
+    async def lookup_prefix(self, token_ids: list[int]) -> dict[str, int]:
+        """One round trip to the index: leading cached blocks per live prefill worker."""
+        hashes = chain_hashes(token_ids, self.model.block_size)
+        if not hashes:
+            return {}
+        if self.index_in_process:  # in memory and touched only on this loop
+            return self.index.longest_prefix(hashes)
+        return await asyncio.to_thread(self.index.longest_prefix, hashes)
+
+    async def serve(self, req: ParsedRequest, token_ids: list[int], info: RequestInfo,
+                    hits: dict[str, int], run: _Run
+                    ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        sampling = dataclasses.asdict(req.sampling)
+        exclude: set[str] = set()
+        first_token: int | None = None  # once set, the client has it
+        for attempt in range(2):
+            run.worker_rid = run.request_id if attempt == 0 else f"{run.request_id}#retry"
+            placement = await self.slo.acquire(info, hits)
+            run.prefill_id = placement.worker_id
+            result: dict[str, Any] = {}
+            try:
+                run.decode_id, resv = await self._reserve_decode(info, token_ids, sampling,
+                                                                 run.worker_rid, exclude)
+                sent = time.monotonic()
+                result = await self._prefill(placement, run.worker_rid, token_ids, sampling,
+                                             resv, first_token)
+            finally:
+                ok = not result.get("error")
+                self.slo.release(placement, info,
+                                 prefill_s=result.get("prefill_s") if ok else None,
+                                 transfer_s=result.get("transfer_s") if ok else None)
+            if result.get("finish_reason") == "abort" and not result.get("error"):
+                result["error"] = "the prefill worker aborted the request"
+            if result.get("error"):
+                self._abort_decode(run)
+                if result.get("transfer_failed") and attempt == 0:
+                    log.warning("request %s: %s; retrying once on another decode worker",
+                                run.request_id, result["error"])
+                    exclude.add(run.decode_id)
+                    run.retries += 1
+                    self.counters["retries"] += 1
+                    continue
+                raise RequestFailed(f"prefill on {placement.worker_id}: {result['error']}")
+            run.transport = result["transport"]
+            run.cached_tokens = result["num_cached_tokens"]
+            run.timing.queued_ms += 1e3 * (sent - run.arrival + result["queued_s"])
+            run.timing.prefill_ms += 1e3 * result["prefill_s"]
+            run.timing.transfer_ms += 1e3 * result["transfer_s"]
+            if first_token is None:
+                first_token = result["token_ids"][0]
+                run.completion_tokens = 1
+                run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
+                yield delta_response(run.request_id, result["token_ids"], result["text"])
+            if result["finished"]:  # the first token ended it: free the decode reservation
+                self._abort_decode(run)
+                yield self._final(run, result["finish_reason"])
+                return
+            async for item in self._decode_stream(run):
+                if item.get("error"):
+                    raise RequestFailed(f"decode on {run.decode_id}: {item['error']}")
+                run.completion_tokens += len(item["token_ids"])
+                if item["finished"]:
+                    run.timing.decode_ms = 1e3 * item.get("decode_s", 0.0)
+                    yield self._final(run, item["finish_reason"], item["token_ids"],
+                                      item["text"])
+                    return
+                if item["token_ids"] or item["text"]:
+                    yield delta_response(run.request_id, item["token_ids"], item["text"])
+            raise RequestFailed(f"decode stream from {run.decode_id} ended without a finish")
+
+    def _final(self, run: _Run, reason: str, token_ids=(), text: str = ""
+               ) -> pdserve_pb2.GenerateResponse:
+        run.done = True
+        run.timing.e2e_ms = 1e3 * (time.monotonic() - run.arrival)
+        return final_response(
+            run.request_id, finish_reason=reason, prompt_tokens=run.prompt_tokens,
+            cached_tokens=run.cached_tokens, completion_tokens=run.completion_tokens,
+            timing=run.timing, prefill_worker=run.prefill_id or "",
+            decode_worker=run.decode_id or "", kv_transport=run.transport,
+            retries=run.retries, token_ids=token_ids, text=text)
+
+    async def _reserve_decode(self, info: RequestInfo, token_ids: list[int],
+                              sampling: dict[str, Any], worker_rid: str,
+                              exclude: set[str]) -> tuple[str, dict[str, Any]]:
+        import ray
+
+        wait_until = (info.deadline if info.ttft_slo_s else
+                      info.arrival + self.config.decode_wait_s)
+        while True:
+            candidates = self.slo.rank_decode(info, exclude)
+            if not candidates and not (set(self.decode) - exclude):
+                raise RequestFailed("no live decode worker")
+            for wid in candidates:
+                # Count the reservation before awaiting it, so that concurrent requests see
+                # this worker's load and spread out; its reply then gives the true figures.
+                self.slo.note_decode_reserved(wid, info.num_blocks)
+                try:
+                    r = await self.decode[wid].reserve.remote(
+                        worker_rid, token_ids, sampling, self.config.kv_timeout_s)
+                except ray.exceptions.RayActorError as e:
+                    self._worker_died("decode", wid, e)
+                    continue
+                self.slo.update_decode(wid, free_blocks=r["free_blocks"],
+                                       num_running=r["num_running"])
+                if "error" not in r:
+                    return wid, r
+                if r["error"] != "no_kv_space":
+                    raise RequestFailed(f"decode worker {wid} refused: {r['error']}")
+            if time.monotonic() >= wait_until:
+                raise Rejected(f"no decode worker has room for {info.num_blocks} KV blocks")
+            await asyncio.sleep(0.02)
+
+    async def _prefill(self, placement: PrefillPlacement, worker_rid: str,
+                       token_ids: list[int], sampling: dict[str, Any], resv: dict[str, Any],
+                       first_token: int | None) -> dict[str, Any]:
+        import ray
+
+        actor = self.prefill[placement.worker_id]
+        try:
+            return await actor.prefill.remote(worker_rid, token_ids, sampling, resv["address"],
+                                              resv["block_ids"], first_token)
+        except ray.exceptions.RayActorError as e:
+            self._worker_died("prefill", placement.worker_id, e)
+            return {"error": f"prefill worker {placement.worker_id} died", "transfer_failed": True}
+        except asyncio.CancelledError:
+            actor.abort.remote(worker_rid)
+            raise
+
+    async def _decode_stream(self, run: _Run) -> AsyncIterator[dict[str, Any]]:
+        import ray
+
+        gen = self.decode[run.decode_id].stream.options(num_returns="streaming").remote(
+            run.worker_rid)
+        try:
+            async for ref in gen:
+                yield await ref
+        except ray.exceptions.RayActorError as e:
+            self._worker_died("decode", run.decode_id, e)
+            raise RequestFailed(f"decode worker {run.decode_id} died mid-stream") from None
+
+    def _abort_decode(self, run: _Run) -> None:
+        if run.decode_id in self.decode:
+            self.decode[run.decode_id].abort.remote(run.worker_rid)
+
+    def abort_everywhere(self, run: _Run) -> None:
+        """Client cancel/deadline or a failure: free whatever the request holds, both sides."""
+        if run.prefill_id in self.prefill:
+            self.prefill[run.prefill_id].abort.remote(run.worker_rid)
+        self._abort_decode(run)
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def _worker_died(self, role: str, wid: str, error: BaseException) -> None:
+        pool = self.prefill if role == "prefill" else self.decode
+        if pool.pop(wid, None) is None:
+            return
+        log.error("%s worker %s is gone (%s); routing around it", role, wid,
+                  type(error).__name__)
+        if role == "prefill":
+            self.slo.remove_prefill_worker(wid)
+            self.index.unregister_worker(wid)
+        else:
+            self.slo.remove_decode_worker(wid)
+
+    async def _watch_workers(self) -> None:
+        """Decode load for placement, and (in-process index) prefill block events."""
+        import ray
+
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            for wid, actor in list(self.decode.items()):
+                try:
+                    s = await actor.stats.remote()
+                except ray.exceptions.RayActorError as e:
+                    self._worker_died("decode", wid, e)
+                    continue
+                self.slo.update_decode(wid, free_blocks=s["free_blocks"],
+                                       num_running=s["num_running"],
+                                       step_s=s["step_s"] if s["steps"] else None)
+            if not self.index_in_process:
+                continue
+            for wid, actor in list(self.prefill.items()):
+                try:
+                    events = await actor.take_index_events.remote()
+                except ray.exceptions.RayActorError as e:
+                    self._worker_died("prefill", wid, e)
+                    continue
+                self.index.heartbeat(wid, self.config.index_ttl_s)
+                self.index.publish(wid, events)
+
+
+class _Service(pdserve_pb2_grpc.PDServeServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def Generate(self, request: pdserve_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        router = self.router
+        arrival = time.monotonic()
+        try:
+            req = parse_generate_request(request, served_model=router.model.name,
+                                         new_request_id=router.new_request_id)
+            token_ids = router.tokenize(req)
+        except InvalidArgument as e:
+            router.counters["invalid"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        hits = await router.lookup_prefix(token_ids)
+        info = RequestInfo(req.request_id, len(token_ids), router.model.block_size,
+                           req.priority, req.ttft_slo_s, req.tpot_slo_s, arrival)
+        try:
+            router.slo.admit(info, hits)
+        except Rejected as e:
+            router.counters["rejected"] += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        run = _Run(req.request_id, arrival, len(token_ids))
+        status: tuple[grpc.StatusCode, str] | None = None
+        try:
+            async for response in router.serve(req, token_ids, info, hits, run):
+                yield response
+            router.counters["ok"] += 1
+        except Rejected as e:
+            router.counters["rejected"] += 1
+            status = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RequestFailed as e:
+            router.counters["failed"] += 1
+            status = (grpc.StatusCode.UNAVAILABLE, str(e))
+        except asyncio.CancelledError:
+            router.counters["cancelled"] += 1
+            raise
+        finally:
+            if not run.done:
+                router.abort_everywhere(run)
+        if status is not None:
+            await context.abort(*status)

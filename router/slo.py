@@ -1,0 +1,433 @@
+"""SLO-aware prefill scheduling for the router (DESIGN: request path step 3).
+
+Pure bookkeeping on one asyncio event loop: no I/O, no threads, no locks; the clock is injected.
+
+Contract:
+- `TimingModel` fits seconds ≈ a + b*x online (exponentially weighted least squares) from
+  priors; one per prefill worker for prefill time (x = uncached tokens) and transfer time
+  (x = prompt blocks), one per decode worker for step time (x = batch size).
+- `SLOScheduler.admit(req, hits)` is the early-rejection check (Mooncake-style): it raises
+  `Rejected` when there is no prefill worker, the router queue is full, or the system is
+  saturated and no worker's predicted TTFT fits the request's remaining TTFT budget. It never
+  changes state.
+- `await acquire(req, hits)` waits for a prefill slot and returns a `PrefillPlacement`. Waiters
+  are granted in (priority desc, deadline asc, arrival order). A slot is handed to the head
+  waiter synchronously when it frees, so a later arrival can never take it first. Waiting
+  with no prefill worker at all waits until one is added (the caller owns timeouts).
+- Every placement must be handed back with `release(placement, req, ...)` (on success or
+  failure); a second release of the same placement is a no-op.
+- `rank_decode(req)` orders decode workers by fit (free KV blocks, predicted TPOT); the router
+  keeps it fresh with `update_decode` (worker stats) and `note_decode_reserved` (between stats).
+- Removing a worker drops it at once: its slots vanish and no waiter is granted it. Its
+  outstanding placements may still be released (a no-op for scheduling). Adding a worker that
+  is already present changes nothing; re-adding a removed one starts it with fresh models.
+- `check_integrity()` asserts the slot/in-flight accounting (tests call it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Deadline given to requests without a TTFT SLO: they sort after every request that has one
+# (within their priority class) but still keep arrival order among themselves.
+NO_SLO_HORIZON_S = 3600.0
+
+
+class TimingModel:
+    """y ≈ a + b*x, fitted online by exponentially weighted least squares.
+
+    Every observation first multiplies the weight of all earlier ones (and of the prior) by
+    `decay`, so the fit follows a worker whose speed changes. The prior (a0, b0) counts as
+    `prior_weight` pseudo-observations centred on the data, so one odd timing moves the
+    prediction only part of the way; its weight decays like any observation, so the data win.
+    Observed x all equal: the slope is not identifiable, so it stays at b0 and only the level
+    is fitted. `predict` never returns a negative time.
+    """
+
+    def __init__(self, a0: float, b0: float, decay: float = 0.9, *, prior_weight: float = 2.0):
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if prior_weight <= 0:
+            raise ValueError(f"prior_weight must be positive, got {prior_weight}")
+        self.a0, self.b0, self.decay = float(a0), float(b0), float(decay)
+        self.n = 0
+        self._prior = float(prior_weight)
+        # Weighted sums of 1, x, y, x*x, x*y over the observations.
+        self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._a, self._b = self.a0, self.b0
+
+    @property
+    def a(self) -> float:
+        return self._a
+
+    @property
+    def b(self) -> float:
+        return self._b
+
+    def observe(self, x: float, y: float) -> None:
+        x, y = float(x), float(y)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return  # one NaN would poison the sums for good
+        d = self.decay
+        self._prior *= d
+        self._w = self._w * d + 1.0
+        self._sx = self._sx * d + x
+        self._sy = self._sy * d + y
+        self._sxx = self._sxx * d + x * x
+        self._sxy = self._sxy * d + x * y
+        self.n += 1
+        self._refit()
+
+    def predict(self, x: float) -> float:
+        return max(0.0, self._a + self._b * x)
+
+    def predict_total(self, count: int, x_sum: float) -> float:
+        """Summed prediction for `count` items whose x add up to `x_sum` (never negative)."""
+        return max(0.0, count * self._a + self._b * x_sum) if count > 0 else 0.0
+
+    def _refit(self) -> None:
+        w, p = self._w, self._prior
+        mx = self._sx / w
+        sxx_c = self._sxx - self._sx * mx  # weighted sum of squares about the mean
+        sxy_c = self._sxy - self._sy * mx
+        # Relative threshold: with equal x the centred sum is rounding noise, and once the prior
+        # has decayed to nothing noise/noise would be an arbitrary slope.
+        if sxx_c <= 1e-9 * self._sxx:
+            b = self.b0
+        else:
+            # Ridge towards b0, scaled by the data's second moment so the prior counts as p
+            # pseudo-observations whatever the units of x.
+            k = p * self._sxx / w
+            b = (sxy_c + k * self.b0) / (sxx_c + k)
+        level = (self._sy + p * (self.a0 + self.b0 * mx)) / (w + p)  # fitted y at x = mx
+        self._a, self._b = level - b * mx, b
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"a": self._a, "b": self._b, "n": self.n}
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the scheduler needs to know about one request (times from the scheduler's clock)."""
+
+    request_id: str
+    num_prompt_tokens: int
+    block_size: int
+    priority: int = 0  # higher is served first
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    arrival: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 1 or self.block_size < 1:
+            raise ValueError(
+                f"request {self.request_id}: num_prompt_tokens={self.num_prompt_tokens} and "
+                f"block_size={self.block_size} must both be >= 1")
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_prompt_tokens // self.block_size)
+
+    @property
+    def deadline(self) -> float:
+        horizon = NO_SLO_HORIZON_S if self.ttft_slo_s is None else self.ttft_slo_s
+        return self.arrival + horizon
+
+    def cached_tokens(self, blocks: int) -> int:
+        """Tokens covered by `blocks` leading cached blocks; at least one token is recomputed
+        so the first output token has logits."""
+        return max(0, min(blocks * self.block_size, self.num_prompt_tokens - 1))
+
+
+class Rejected(Exception):
+    """Early rejection (the router maps it to gRPC RESOURCE_EXHAUSTED); str() says why."""
+
+
+@dataclass
+class PrefillPlacement:
+    worker_id: str
+    cached_tokens: int  # prompt tokens the worker already holds (from the prefix hits)
+    predicted_ttft_s: float  # from granted_at to the first token, as predicted at grant time
+    granted_at: float  # clock() when the slot was granted
+    grant_id: int = field(default=0, compare=False)  # makes release idempotent; 0 = unknown
+
+
+@dataclass(slots=True)
+class _PrefillWorker:
+    worker_id: str
+    slots: int
+    prefill: TimingModel
+    transfer: TimingModel
+    busy: int = 0
+    inflight_tokens: int = 0  # uncached prompt tokens of the granted, unreleased requests
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.busy
+
+
+@dataclass(slots=True)
+class _DecodeWorker:
+    worker_id: str
+    step: TimingModel
+    free_blocks: int | None = None  # None until the first update: treated as plenty
+    num_running: int = 0
+
+
+@dataclass(slots=True)
+class _Grant:
+    worker: _PrefillWorker  # the object, not the id: a re-added worker is a new object
+    uncached_tokens: int
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    req: RequestInfo
+    hits: dict[str, int]
+    fut: asyncio.Future[PrefillPlacement]
+    uncached_tokens: int  # at its best known cache hit, for others' queue-wait estimates
+
+
+# Heap entries: (-priority, deadline, seq, waiter); seq is unique so waiters never compare.
+_Entry = tuple[int, float, float, _Waiter]
+
+
+class SLOScheduler:
+    """Prefill slots, the router's wait queue, and decode-worker ranking (see module doc)."""
+
+    def __init__(
+        self,
+        prefill_workers: Sequence[str],
+        decode_workers: Sequence[str],
+        *,
+        slots_per_worker: int = 4,
+        max_queue: int = 256,
+        prefill_prior: tuple[float, float] = (0.005, 0.0002),  # s = a + b * uncached tokens
+        transfer_prior: tuple[float, float] = (0.001, 0.0001),  # s = a + b * blocks
+        decode_prior: tuple[float, float] = (0.005, 0.0005),  # step s = a + b * batch size
+        decay: float = 0.9,
+        tie_tolerance: float = 0.2,  # predicted TTFTs within 20% + tie_slack_s count as equal
+        tie_slack_s: float = 0.002,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if slots_per_worker < 1:
+            raise ValueError(f"slots_per_worker must be >= 1, got {slots_per_worker}")
+        self.slots_per_worker = slots_per_worker
+        self.max_queue = max_queue
+        self.tie_tolerance, self.tie_slack_s = tie_tolerance, tie_slack_s
+        self._priors = (prefill_prior, transfer_prior, decode_prior)
+        self._decay = decay
+        self._clock = clock
+        self._prefill: dict[str, _PrefillWorker] = {}
+        self._decode: dict[str, _DecodeWorker] = {}
+        self._heap: list[_Entry] = []
+        self._seq = itertools.count()
+        self._grant_ids = itertools.count(1)
+        self._grants: dict[int, _Grant] = {}
+        for w in prefill_workers:
+            self.add_prefill_worker(w)
+        for w in decode_workers:
+            self.add_decode_worker(w)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def add_prefill_worker(self, worker_id: str, *, slots: int | None = None) -> None:
+        if worker_id in self._prefill:
+            return
+        slots = self.slots_per_worker if slots is None else slots
+        if slots < 1:
+            raise ValueError(f"prefill worker {worker_id}: slots must be >= 1, got {slots}")
+        (pa, pb), (ta, tb), _ = self._priors
+        self._prefill[worker_id] = _PrefillWorker(
+            worker_id, slots,
+            TimingModel(pa, pb, self._decay), TimingModel(ta, tb, self._decay))
+        self._dispatch()
+
+    def remove_prefill_worker(self, worker_id: str) -> None:
+        self._prefill.pop(worker_id, None)
+
+    def add_decode_worker(self, worker_id: str) -> None:
+        if worker_id not in self._decode:
+            a, b = self._priors[2]
+            self._decode[worker_id] = _DecodeWorker(worker_id, TimingModel(a, b, self._decay))
+
+    def remove_decode_worker(self, worker_id: str) -> None:
+        self._decode.pop(worker_id, None)
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._heap)
+
+    def predict_ttft(self, worker_id: str, req: RequestInfo, cached_tokens: int) -> float:
+        """Seconds from now to req's first token if placed on worker_id: the work already on
+        that worker, plus the queued requests served before req spread over all workers, plus
+        req's own prefill (uncached tokens) and KV transfer."""
+        n_ahead, tokens_ahead = self._queue_ahead(req)
+        return self._ttft(self._prefill[worker_id], req, cached_tokens, n_ahead, tokens_ahead)
+
+    def admit(self, req: RequestInfo, hits: Mapping[str, int]) -> None:
+        if not self._prefill:
+            raise Rejected(f"request {req.request_id}: no prefill worker available")
+        if len(self._heap) >= self.max_queue:
+            raise Rejected(f"request {req.request_id}: router queue full "
+                           f"({len(self._heap)} waiting, max_queue={self.max_queue})")
+        saturated = bool(self._heap) or all(w.free <= 0 for w in self._prefill.values())
+        if not saturated or req.ttft_slo_s is None:
+            return
+        n_ahead, tokens_ahead = self._queue_ahead(req)
+        best, best_id = min(
+            (self._ttft(w, req, req.cached_tokens(hits.get(wid, 0)), n_ahead, tokens_ahead), wid)
+            for wid, w in self._prefill.items())
+        budget = req.deadline - self._clock()
+        if best > budget:
+            raise Rejected(
+                f"request {req.request_id}: prefill saturated ({len(self._heap)} queued, "
+                f"{n_ahead} ahead); best predicted TTFT {best * 1e3:.1f} ms on {best_id} exceeds "
+                f"the remaining budget {budget * 1e3:.1f} ms (TTFT SLO {req.ttft_slo_s * 1e3:.1f} "
+                f"ms)")
+
+    async def acquire(self, req: RequestInfo, hits: Mapping[str, int]) -> PrefillPlacement:
+        hits = dict(hits)
+        known = [hits.get(wid, 0) for wid in self._prefill] or [0]
+        waiter = _Waiter(req, hits, asyncio.get_running_loop().create_future(),
+                         req.num_prompt_tokens - req.cached_tokens(max(known)))
+        heapq.heappush(self._heap, (-req.priority, req.deadline, next(self._seq), waiter))
+        self._dispatch()  # grants at once when a slot is free (awaiting a done future won't yield)
+        try:
+            return await waiter.fut
+        except asyncio.CancelledError:
+            if waiter.fut.done() and not waiter.fut.cancelled():
+                # Granted, but the task was cancelled before it resumed: hand the slot back.
+                self.release(waiter.fut.result(), req)
+            else:
+                self._heap = [e for e in self._heap if e[3] is not waiter]
+                heapq.heapify(self._heap)
+            raise
+
+    def release(self, placement: PrefillPlacement, req: RequestInfo, *,
+                prefill_s: float | None = None, transfer_s: float | None = None) -> None:
+        """Free the slot; learn from the timings given (None, e.g. on failure: learn nothing)."""
+        grant = self._grants.pop(placement.grant_id, None)
+        if grant is None:
+            return
+        w = grant.worker
+        w.busy -= 1
+        w.inflight_tokens -= grant.uncached_tokens
+        if prefill_s is not None:
+            w.prefill.observe(grant.uncached_tokens, prefill_s)
+        if transfer_s is not None:
+            w.transfer.observe(req.num_blocks, transfer_s)
+        self._dispatch()
+
+    def _queue_ahead(self, req: RequestInfo) -> tuple[int, int]:
+        """(count, uncached tokens) of the queued requests that would be served before req."""
+        mine = next((e for e in self._heap if e[3].req.request_id == req.request_id), None)
+        key = mine[:3] if mine else (-req.priority, req.deadline, math.inf)
+        ahead = [e[3].uncached_tokens for e in self._heap if e[:3] < key]
+        return len(ahead), sum(ahead)
+
+    def _ttft(self, w: _PrefillWorker, req: RequestInfo, cached_tokens: int,
+              n_ahead: int, tokens_ahead: int) -> float:
+        uncached = req.num_prompt_tokens - max(0, min(cached_tokens, req.num_prompt_tokens - 1))
+        # In-flight requests counted as if run one after another: batching overlaps them, but
+        # they share the same compute, so the total work is what delays a newcomer.
+        inflight = w.prefill.predict_total(w.busy, w.inflight_tokens)
+        queued = w.prefill.predict_total(n_ahead, tokens_ahead) / max(1, len(self._prefill))
+        return (inflight + queued + w.prefill.predict(uncached)
+                + w.transfer.predict(req.num_blocks))
+
+    def _dispatch(self) -> None:
+        """Grant free slots to waiters, best-ordered first, until one or the other runs out."""
+        while self._heap and any(w.free > 0 for w in self._prefill.values()):
+            waiter = heapq.heappop(self._heap)[3]
+            if not waiter.fut.done():  # defensive: cancelled waiters are removed at once
+                waiter.fut.set_result(self._grant(waiter.req, waiter.hits))
+
+    def _grant(self, req: RequestInfo, hits: Mapping[str, int]) -> PrefillPlacement:
+        def score(w: _PrefillWorker) -> tuple[float, int, int]:
+            cached = req.cached_tokens(hits.get(w.worker_id, 0))
+            return self._ttft(w, req, cached, 0, 0), -cached, w.inflight_tokens
+
+        scored = [(score(w), w) for w in self._prefill.values() if w.free > 0]
+        best_ttft = min(s[0] for s, _ in scored)
+        # Predictions within the tolerance are a tie (per-worker models carry noise that can
+        # outweigh a small prefill saving): among those, the cache hit wins, which also saves
+        # the pool the compute.
+        near = [(s, w) for s, w in scored
+                if s[0] <= best_ttft * (1 + self.tie_tolerance) + self.tie_slack_s]
+        (ttft, neg_cached, _), w = min(near, key=lambda sw: (sw[0][1], sw[0][0], sw[0][2]))
+        cached = -neg_cached
+        w.busy += 1
+        w.inflight_tokens += req.num_prompt_tokens - cached
+        gid = next(self._grant_ids)
+        self._grants[gid] = _Grant(w, req.num_prompt_tokens - cached)
+        return PrefillPlacement(w.worker_id, cached, ttft, self._clock(), gid)
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def update_decode(self, worker_id: str, *, free_blocks: int, num_running: int,
+                      step_s: float | None = None) -> None:
+        """Latest stats of a decode worker; unknown (e.g. removed) workers are ignored so a
+        late report cannot resurrect a dead worker."""
+        w = self._decode.get(worker_id)
+        if w is None:
+            return
+        w.free_blocks, w.num_running = free_blocks, num_running
+        if step_s is not None:
+            w.step.observe(num_running, step_s)
+
+    def note_decode_reserved(self, worker_id: str, num_blocks: int) -> None:
+        w = self._decode.get(worker_id)
+        if w is None:
+            return
+        if w.free_blocks is not None:
+            w.free_blocks = max(0, w.free_blocks - num_blocks)
+        w.num_running += 1
+
+    def rank_decode(self, req: RequestInfo, exclude: Collection[str] = ()) -> list[str]:
+        need = req.num_blocks + 1  # one spare block for the first decoded tokens
+
+        def free(w: _DecodeWorker) -> float:
+            return math.inf if w.free_blocks is None else w.free_blocks
+
+        def meets(w: _DecodeWorker) -> bool:
+            return req.tpot_slo_s is None or w.step.predict(w.num_running + 1) <= req.tpot_slo_s
+
+        fits = [w for wid, w in self._decode.items() if wid not in exclude and free(w) >= need]
+        fits.sort(key=lambda w: (not meets(w), -free(w), w.num_running))  # stable: add order
+        return [w.worker_id for w in fits]
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "queue_length": len(self._heap),
+            "prefill": {
+                wid: {"slots": w.slots, "slots_busy": w.busy,
+                      "inflight_tokens": w.inflight_tokens,
+                      "prefill_model": w.prefill.as_dict(),
+                      "transfer_model": w.transfer.as_dict()}
+                for wid, w in self._prefill.items()},
+            "decode": {
+                wid: {"free_blocks": w.free_blocks, "num_running": w.num_running,
+                      "step_model": w.step.as_dict()}
+                for wid, w in self._decode.items()},
+        }
+
+    def check_integrity(self) -> None:
+        for w in self._prefill.values():
+            mine = [g for g in self._grants.values() if g.worker is w]
+            assert w.busy == len(mine) and 0 <= w.busy <= w.slots, (w, len(mine))
+            assert w.inflight_tokens == sum(g.uncached_tokens for g in mine), w
+        if self._heap:
+            assert all(w.free <= 0 for w in self._prefill.values()), "waiter left beside a slot"
+            assert not any(e[3].fut.done() for e in self._heap), "finished waiter still queued"

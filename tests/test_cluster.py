@@ -1,0 +1,299 @@
+"""The disaggregated cluster end to end: real Ray actors, real gRPC over sockets, a real
+redis-server started here, UCX loopback where ucxx imports (else TCP).
+
+Oracle: the colocated engine on the same tiny checkpoint (greedy). Leaks: every worker's
+block accounting (`check_integrity`) and free-block count once requests are done.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from redis_server import REDIS_SERVER, SKIP_REASON, start_redis_server, stop_redis_server
+from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.hashing import chain_hashes
+from engine.sampling_params import SamplingParams
+from router.api import build_generate_request
+from router.client import GenerateClient
+from router.cluster import ClusterConfig, LocalCluster
+from router.server import RouterConfig
+
+ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 16, "max_num_batched_tokens": 256}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("cluster") / "llama", seed=3)
+    add_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+def make_cluster(model_dir, num_prefill=1, num_decode=1, **kw) -> LocalCluster:
+    engine = {**ENGINE, **kw.pop("engine", {})}
+    cfg = ClusterConfig(model=str(model_dir), num_prefill=num_prefill, num_decode=num_decode,
+                        engine=engine, worker_num_cpus=0.25, **kw)
+    return LocalCluster(cfg)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(rng.choice([5, 17, 40, 70, 130]))]
+            for _ in range(n)]
+
+
+def colocated(model_dir, token_prompts, sampling=GREEDY) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model=str(model_dir), **ENGINE))
+    return [o.new_token_ids for o in engine.generate(token_prompts, sampling)]
+
+
+def run_all(address: str, requests) -> list:
+    with GenerateClient(address) as client, ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(client.generate, requests))
+
+
+def wait_idle(cluster: LocalCluster, timeout_s: float = 20.0) -> None:
+    """Every worker's blocks back on its free list (cached blocks count as free) and no
+    request left anywhere; fails with what is still held."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reports = {wid: ray.get(a.check_integrity.remote())
+                   for wid, a in [*cluster.prefill.items(), *cluster.decode.items()]}
+        held = {wid: r for wid, r in reports.items()
+                if r["free_blocks"] != r["num_blocks"] or r["requests"] or r.get("jobs")}
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"blocks or requests still held: {held}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster22(model_dir, ray_session, tmp_path_factory):
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    port, proc = start_redis_server(tmp_path_factory.mktemp("redis22"))
+    cluster = make_cluster(model_dir, 2, 2, redis_url=f"redis://127.0.0.1:{port}/0")
+    cluster.start()
+    yield cluster
+    cluster.stop()
+    stop_redis_server(proc)
+
+
+@pytest.mark.parametrize("topology", ["1P+1D", "2P+2D"])
+def test_greedy_output_matches_colocated(topology, model_dir, ray_session, request):
+    token_prompts = prompts(8, seed=1)
+    expected = colocated(model_dir, token_prompts)
+    if topology == "1P+1D":
+        cluster = make_cluster(model_dir, 1, 1, start_redis=False)  # in-process index
+        cluster.start()
+    else:
+        cluster = request.getfixturevalue("cluster22")
+    try:
+        reqs = [build_generate_request(token_ids=p, sampling=GREEDY) for p in token_prompts]
+        results = run_all(cluster.address, reqs)
+        assert [r.token_ids for r in results] == expected
+        for r, p in zip(results, token_prompts):
+            f = r.final
+            assert f.finish_reason == "length"
+            assert (f.prompt_tokens, f.completion_tokens) == (len(p), GREEDY.max_tokens)
+            assert f.timing.e2e_ms >= f.timing.ttft_ms > 0
+            assert f.kv_transport in ("ucx", "tcp")
+        if topology == "2P+2D":  # both pools were used
+            assert len({r.final.prefill_worker for r in results}) == 2
+            assert len({r.final.decode_worker for r in results}) == 2
+        wait_idle(cluster)
+    finally:
+        if topology == "1P+1D":
+            cluster.stop()
+
+
+def test_text_and_chat_prompts_stream_text(cluster22, model_dir):
+    engine = LLMEngine(EngineConfig(model=str(model_dir), **ENGINE))
+    chat = [{"role": "user", "content": "hello there"}]
+    expected = engine.generate([chat], GREEDY)[0]
+    with GenerateClient(cluster22.address) as client:
+        got = client.generate(build_generate_request(chat=chat, sampling=GREEDY))
+        assert got.token_ids == expected.new_token_ids
+        assert got.text == expected.text
+        assert client.health() == "SERVING"
+
+
+def test_shared_prefix_routes_to_holder_and_skips_cached_tokens(cluster22):
+    cluster = cluster22
+    prefix = [7 + (i * 13) % 280 for i in range(160)]
+    first = build_generate_request(token_ids=prefix + [11, 12, 13], sampling=GREEDY)
+    with GenerateClient(cluster.address) as client:
+        a = client.generate(first).final
+        assert a.cached_tokens == 0
+        # Wait until the holder's blocks are in the index (published after its step).
+        hashes = chain_hashes(prefix, 16)
+        deadline = time.monotonic() + 10
+        while cluster.index.longest_prefix(hashes).get(a.prefill_worker, 0) < len(hashes):
+            assert time.monotonic() < deadline, "prefix blocks never reached the index"
+            time.sleep(0.05)
+        second = build_generate_request(token_ids=prefix + [21, 22, 23, 24], sampling=GREEDY)
+        b = client.generate(second).final
+    assert b.prefill_worker == a.prefill_worker
+    assert b.cached_tokens == 160  # all ten full prefix blocks came from the cache
+    assert b.prompt_tokens == 164
+
+
+def test_cancel_mid_stream_frees_blocks_on_both_sides(cluster22):
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    with GenerateClient(cluster22.address) as client:
+        call = client.stream(build_generate_request(token_ids=list(range(5, 60)), sampling=long))
+        got = 0
+        for resp in call:
+            got += len(resp.token_ids)
+            if got >= 3:
+                break
+        call.cancel()
+    wait_idle(cluster22)
+    assert cluster22.router.counters["cancelled"] >= 1
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"token_ids": []}, "token_ids"),
+    ({"token_ids": [1, 2, 10**6]}, "vocabulary"),
+    ({"token_ids": list(range(3, 300)) * 10}, "prompt"),
+    ({"text": "hi", "model": "no-such-model"}, "model"),
+    ({"text": "hi", "sampling": {"temperature": -1.0}}, "temperature"),
+])
+def test_bad_requests_get_invalid_argument(cluster22, bad, words):
+    with GenerateClient(cluster22.address) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(build_generate_request(**bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in err.value.details()
+        ok = client.generate(build_generate_request(token_ids=[5, 6, 7], sampling=GREEDY))
+        assert ok.final.finish_reason == "length"
+
+
+def test_overload_is_rejected_early_while_admitted_requests_complete(model_dir, ray_session):
+    router = RouterConfig(slots_per_prefill_worker=1, max_queue=2)
+    with make_cluster(model_dir, 1, 1, start_redis=False, router=router) as cluster:
+        sampling = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+        reqs = [build_generate_request(token_ids=p, sampling=sampling)
+                for p in prompts(16, seed=4)]
+        outcomes: list[tuple[str, float]] = [None] * len(reqs)  # type: ignore[list-item]
+
+        def one(i: int) -> None:
+            start = time.monotonic()
+            try:
+                client.generate(reqs[i])
+                outcomes[i] = ("ok", time.monotonic() - start)
+            except grpc.RpcError as e:
+                outcomes[i] = (e.code().name, time.monotonic() - start)
+
+        with GenerateClient(cluster.address) as client:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        codes = [c for c, _ in outcomes]
+        assert set(codes) <= {"ok", "RESOURCE_EXHAUSTED"}
+        assert codes.count("RESOURCE_EXHAUSTED") >= 1 and codes.count("ok") >= 3
+        # Rejection happens at admission: every refusal came back before any admitted
+        # request finished.
+        assert (max(t for c, t in outcomes if c != "ok")
+                < min(t for c, t in outcomes if c == "ok"))
+        wait_idle(cluster)
+
+
+def _holder(cluster: LocalCluster, pool: str, timeout_s: float = 10.0) -> str:
+    """The worker of `pool` serving the one request in flight, once its KV transfer is open
+    (the decode side holds the reservation and prefill is shipping layers)."""
+    async def busy_prefill() -> list[str]:
+        snap = cluster.router.slo.snapshot()["prefill"]
+        return [wid for wid, w in snap.items() if w["slots_busy"]]
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reserved = [wid for wid, a in cluster.decode.items()
+                    if ray.get(a.check_integrity.remote())["requests"]]
+        if reserved:
+            time.sleep(0.2)  # inside the first layer's (fault-injected) send delay
+            return reserved[0] if pool == "decode" else cluster.call(busy_prefill())[0]
+        time.sleep(0.01)
+    pytest.fail("no decode worker reserved blocks for the request")
+
+
+@pytest.mark.parametrize("victim", ["decode", "prefill"])
+def test_peer_killed_mid_transfer_is_retried_without_leaks(victim, model_dir, ray_session):
+    with make_cluster(model_dir, 2, 2, start_redis=False, fault_layer_delay_s=0.4) as cluster:
+        req = build_generate_request(token_ids=list(range(3, 90)), sampling=GREEDY)
+        expected = colocated(model_dir, [list(range(3, 90))])[0]
+        with GenerateClient(cluster.address) as client:
+            call = ThreadPoolExecutor(1).submit(client.generate, req)
+            wid = _holder(cluster, victim)
+            ray.kill((cluster.prefill if victim == "prefill" else cluster.decode)[wid])
+            result = call.result(120)
+        assert result.token_ids == expected
+        assert result.final.retries == 1
+        alive = [w for w in (cluster.prefill if victim == "prefill" else cluster.decode)
+                 if w != wid]
+        assert (result.final.prefill_worker if victim == "prefill"
+                else result.final.decode_worker) in alive
+        del (cluster.prefill if victim == "prefill" else cluster.decode)[wid]
+        wait_idle(cluster)
+
+
+def test_redis_stopped_and_restarted_cluster_keeps_serving(model_dir, ray_session, tmp_path):
+    port, proc = start_redis_server(tmp_path / "redis")
+    cluster = make_cluster(model_dir, 2, 1, redis_url=f"redis://127.0.0.1:{port}/0",
+                           heartbeat_s=0.2, ttl_s=1.0)
+    try:
+        cluster.start()
+        with GenerateClient(cluster.address) as client:
+            def serve_one(p):
+                return client.generate(build_generate_request(token_ids=p, sampling=GREEDY))
+
+            assert serve_one(list(range(3, 40))).final.finish_reason == "length"
+            stop_redis_server(proc, kill=True)
+            for p in prompts(3, seed=9):  # routing on load alone
+                assert serve_one(p).final.finish_reason == "length"
+            assert cluster.index.live_workers() == {}
+            port, proc = start_redis_server(tmp_path / "redis", port=port)
+            deadline = time.monotonic() + 15
+            while set(cluster.index.live_workers()) != {"prefill-0", "prefill-1"}:
+                assert time.monotonic() < deadline, "workers never re-registered"
+                time.sleep(0.1)
+            # Blocks computed before the outage are republished: a shared prefix hits again.
+            prefix = list(range(3, 40))[:32]
+            deadline = time.monotonic() + 15
+            while max(cluster.index.longest_prefix(chain_hashes(prefix, 16)).values(),
+                      default=0) < 2:
+                assert time.monotonic() < deadline, "cached blocks never republished"
+                time.sleep(0.1)
+            again = serve_one(prefix + [250, 251])
+            assert again.final.cached_tokens == 32
+        wait_idle(cluster)
+    finally:
+        cluster.stop()
+        stop_redis_server(proc)
