@@ -253,8 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             for n in sizes:
                 msg = n * LAYOUT.region_bytes  # one run of n blocks of one layer's K or V
                 iters = max(20, min(2000, (4 << 30) // msg))
-                perftest[f"{name}/{n}"] = run_perftest(exe, msg, iters, cfg.error_handling,
-                                                       cfg.context_options())
+                # perftest swings as much as ours on a shared box: best of as many runs
+                runs = [run_perftest(exe, msg, iters, cfg.error_handling, cfg.context_options())
+                        for _ in range(args.repeat)]
+                good = [r for r in runs if "gbps" in r]
+                best = max(good, key=lambda r: r["gbps"]) if good else runs[0]
+                perftest[f"{name}/{n}"] = {**best, "gbps_runs": [r["gbps"] for r in good]}
     print_table(rows, perftest)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -10,7 +10,6 @@ the finish reason and the decode time measured here.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,46 +17,38 @@ from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
-from engine.engine_loop import EngineLoop
 from engine.sampling_params import SamplingParams
+from engine.worker_base import WorkerBase
 from engine.worker_spec import WorkerSpec, node_host
 from kv_transfer import KVPool, TransferResult, make_receiver
 
 log = logging.getLogger(__name__)
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerBase):
+    mode = EngineMode.DECODE
+
     def __init__(self, spec: WorkerSpec):
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.spec = spec
-        self.worker_id = spec.worker_id
-        self.engine = LLMEngine(spec.engine_config(EngineMode.DECODE))
+        super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
         self.receiver = make_receiver(spec.transport, self.pool, host=node_host())
         self.transport = type(self.receiver).__name__.removesuffix("Receiver").lower()
         log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.receiver.address,
                  self.transport, self.pool.num_blocks)
-        self.aloop: asyncio.AbstractEventLoop | None = None
-        self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
         self.kv_arrived: dict[str, float] = {}  # engine thread only
-        self.loop = EngineLoop(self.engine, self._on_outputs, name=self.worker_id)
+        self._start_loop()
 
     # ---- actor methods ---------------------------------------------------------------------
 
-    def ready(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "transport": self.transport,
-                "address": self.receiver.address, "num_blocks": self.pool.num_blocks,
-                "block_size": self.engine.config.block_size,
-                "max_model_len": self.engine.max_model_len}
+    def _ready_extra(self) -> dict[str, Any]:
+        return {"transport": self.transport, "address": self.receiver.address}
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
                       sampling: dict[str, Any], timeout_s: float | None = None
                       ) -> dict[str, Any]:
         """Reserve blocks for the prompt's KV. Returns {address, block_ids, free_blocks,
         num_running}, or {error: "no_kv_space" | message, ...} (nothing is held then)."""
-        self.aloop = asyncio.get_running_loop()
-        self.streams[request_id] = asyncio.Queue()
+        self._open_stream(request_id)
         timeout = timeout_s or self.spec.kv_timeout_s
 
         def reserve(e: LLMEngine) -> list[int]:
@@ -71,7 +62,7 @@ class DecodeWorker:
             return ids
 
         try:
-            ids = await asyncio.wrap_future(self.loop.submit(reserve))
+            ids = await self.call(reserve)
         except NoKVSpaceError as e:
             self.streams.pop(request_id, None)
             return {"error": "no_kv_space", "message": str(e), **self._load()}
@@ -83,18 +74,8 @@ class DecodeWorker:
 
     async def stream(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
         """Deltas until the request ends; the last item has `finished` (or `error`)."""
-        q = self.streams.get(request_id)
-        if q is None:
-            yield {"finished": True, "error": f"request {request_id!r} is not reserved here"}
-            return
-        try:
-            while True:
-                item = await q.get()
-                yield item
-                if item.get("finished"):
-                    return
-        finally:
-            self.streams.pop(request_id, None)
+        async for item in self._drain_stream(request_id):
+            yield item
 
     async def abort(self, request_id: str) -> bool:
         """Client cancel / router failure: stop the request wherever it is, free its blocks."""
@@ -110,37 +91,16 @@ class DecodeWorker:
             except KeyError:
                 return False
 
-        found = await asyncio.wrap_future(self.loop.submit(abort))
+        found = await self.call(abort)
         self._push(request_id, {"finished": True, "finish_reason": "abort", "token_ids": [],
                                 "text": ""})
         return found
 
-    async def stats(self) -> dict[str, Any]:
-        def read(e: LLMEngine) -> dict[str, Any]:
-            return {"worker_id": self.worker_id, **self._load(),
-                    "num_blocks": e.block_manager.num_blocks,
-                    "num_waiting": len(e.scheduler.waiting),
-                    "step_s": self.loop.stats.ewma_step_s,
-                    "batch": self.loop.stats.last_batch, "steps": self.loop.stats.steps}
-        return await asyncio.wrap_future(self.loop.submit(read))
-
-    async def check_integrity(self) -> dict[str, Any]:
-        def check(e: LLMEngine) -> dict[str, Any]:
-            e.check_integrity()
-            return {"free_blocks": e.block_manager.num_free_blocks,
-                    "num_blocks": e.block_manager.num_blocks, "requests": sorted(e.requests)}
-        return await asyncio.wrap_future(self.loop.submit(check))
-
     def shutdown(self) -> None:
         self.receiver.close()
-        self.loop.stop()
+        super().shutdown()
 
     # ---- transport / engine threads --------------------------------------------------------
-
-    def _load(self) -> dict[str, int]:
-        # Plain int reads: a slightly stale view is fine for placement.
-        return {"free_blocks": self.engine.block_manager.num_free_blocks,
-                "num_running": len(self.engine.scheduler.running)}
 
     def _on_transfer(self, result: TransferResult) -> None:
         rid = result.request_id
@@ -163,21 +123,8 @@ class DecodeWorker:
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
-            item = {"token_ids": list(out.new_token_ids), "text": out.text,
-                    "finished": out.finished, "finish_reason": out.finish_reason,
-                    "num_output_tokens": out.num_output_tokens}
+            item = self._item(out)
             if out.finished:
                 arrived = self.kv_arrived.pop(out.request_id, None)
                 item["decode_s"] = now - arrived if arrived is not None else 0.0
             self._push(out.request_id, item)
-
-    def _push(self, request_id: str, item: dict[str, Any]) -> None:
-        if self.aloop is None:
-            return
-
-        def put() -> None:
-            q = self.streams.get(request_id)
-            if q is not None:
-                q.put_nowait(item)
-
-        self.aloop.call_soon_threadsafe(put)

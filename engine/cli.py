@@ -69,7 +69,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         engine["max_model_len"] = args.max_model_len
     if args.kv_cache_mib:
         engine["kv_cache_memory_bytes"] = args.kv_cache_mib * 2**20
+    if args.colocated:
+        args.prefill = args.decode = 0
     config = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
+                           num_colocated=args.colocated,
                            redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
                            port=args.port, transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus,
@@ -77,8 +80,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"pdserve: starting {args.prefill} prefill + {args.decode} decode workers ...",
-          file=sys.stderr)
+    workers = (f"{args.colocated} colocated" if args.colocated
+               else f"{args.prefill} prefill + {args.decode} decode")
+    print(f"pdserve: starting {workers} workers ...", file=sys.stderr)
     with LocalCluster(config) as cluster:
         index = "redis " + cluster.redis_url.rsplit("@", 1)[-1] if cluster.redis_url else \
             "in process"
@@ -130,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(up)
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--colocated", type=int, default=0,
+                    help="serve with N colocated workers instead (the P/D baseline)")
     up.add_argument("--redis", default=None, metavar="URL",
                     help="prefix index Redis URL (default: start redis-server if on PATH, "
                          "else keep the index in the router's process)")

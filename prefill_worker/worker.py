@@ -23,9 +23,9 @@ from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
-from engine.engine_loop import EngineLoop
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
+from engine.worker_base import WorkerBase
 from engine.worker_spec import WorkerSpec
 from kv_transfer import KVControl, KVPool, SendSession, make_sender
 from kv_transfer.header import KVLayoutMismatch
@@ -48,39 +48,25 @@ class _Job:
     error: str | None = None
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerBase):
+    mode = EngineMode.PREFILL
+    publishes_blocks = True
+
     def __init__(self, spec: WorkerSpec):
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.spec = spec
-        self.worker_id = spec.worker_id
-        self.engine = LLMEngine(spec.engine_config(EngineMode.PREFILL))
+        super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
         self.sender = make_sender(spec.transport, self.pool)
         self.transport = type(self.sender).__name__.removesuffix("Sender").lower()
         log.info("%s: KV transport %s, %d KV blocks", self.worker_id, self.transport,
                  self.pool.num_blocks)
         self.jobs: dict[str, _Job] = {}  # engine thread only
-        self._pending_events: list[Any] = []  # in-process index mode: pulled by the router
-        self.publisher = None
-        if spec.redis_url:
-            from prefill_worker.index_publisher import IndexPublisher
-            from router.prefix_index import RedisPrefixIndex
-
-            self.publisher = IndexPublisher(
-                RedisPrefixIndex(spec.redis_url), self.worker_id, {"role": "prefill"},
-                ttl_s=spec.ttl_s, heartbeat_s=spec.heartbeat_s,
-                cached_hashes=lambda: self.loop.submit(
-                    lambda e: list(e.block_manager.cached)).result(10))
         self.engine.kv_layer_hook = self._layer_hook
-        self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step, self.worker_id)
+        self._start_loop()
 
     # ---- actor methods ---------------------------------------------------------------------
 
-    def ready(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "transport": self.transport,
-                "num_blocks": self.pool.num_blocks, "block_size": self.engine.config.block_size,
-                "max_model_len": self.engine.max_model_len}
+    def _ready_extra(self) -> dict[str, Any]:
+        return {"transport": self.transport}
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
                       sampling: dict[str, Any], dst_address: str, dst_block_ids: list[int],
@@ -95,7 +81,7 @@ class PrefillWorker:
             self.jobs[request_id] = job
 
         try:
-            await asyncio.wrap_future(self.loop.submit(start))
+            await self.call(start)
         except ValueError as e:  # invalid request: the router validated, so a bug or race
             log.warning("%s: prefill %s refused: %s", self.worker_id, request_id, e)
             return {"error": f"{type(e).__name__}: {e}", "transfer_failed": False}
@@ -106,42 +92,13 @@ class PrefillWorker:
             raise
 
     async def abort(self, request_id: str) -> bool:
-        return await asyncio.wrap_future(
-            self.loop.submit(lambda e: self._abort(e, request_id, "aborted by the router")))
+        return await self.call(lambda e: self._abort(e, request_id, "aborted by the router"))
 
-    async def stats(self) -> dict[str, Any]:
-        def read(e: LLMEngine) -> dict[str, Any]:
-            sched = e.scheduler
-            return {"worker_id": self.worker_id, "free_blocks": e.block_manager.num_free_blocks,
-                    "num_blocks": e.block_manager.num_blocks, "num_running": len(sched.running),
-                    "num_waiting": len(sched.waiting), "num_held": len(e.requests),
-                    "step_s": self.loop.stats.ewma_step_s, "steps": self.loop.stats.steps}
-        return await asyncio.wrap_future(self.loop.submit(read))
-
-    async def take_index_events(self) -> list[Any]:
-        """In-process index mode: block events since the last call (the router applies them)."""
-        def take(_: LLMEngine) -> list[Any]:
-            events, self._pending_events = self._pending_events, []
-            return events
-        return await asyncio.wrap_future(self.loop.submit(take))
-
-    async def check_integrity(self) -> dict[str, Any]:
-        """Block-accounting check plus what is still held (tests assert nothing leaks)."""
-        def check(e: LLMEngine) -> dict[str, Any]:
-            e.check_integrity()
-            return {"free_blocks": e.block_manager.num_free_blocks,
-                    "num_blocks": e.block_manager.num_blocks, "requests": sorted(e.requests),
-                    "jobs": sorted(self.jobs)}
-        return await asyncio.wrap_future(self.loop.submit(check))
-
-    async def reset_prefix_cache(self) -> None:
-        await asyncio.wrap_future(self.loop.submit(
-            lambda e: e.block_manager.reset_prefix_cache()))
+    def _integrity_extra(self) -> dict[str, Any]:
+        return {"jobs": sorted(self.jobs)}
 
     def shutdown(self) -> None:
-        self.loop.stop()
-        if self.publisher is not None:
-            self.publisher.close()
+        super().shutdown()
         self.sender.close()
 
     # ---- engine thread -------------------------------------------------------------------
@@ -172,7 +129,7 @@ class PrefillWorker:
                     continue
                 try:
                     session.send_layer(layer)
-                except Exception as e:  # whatever the transport raised, the step goes on
+                except Exception as e:  # noqa: BLE001 - any transport error: the step goes on
                     log.warning("%s: %s: sending layer %d failed: %s", self.worker_id,
                                 job.request_id, layer, e)
                     self._fail_session(job, f"sending layer {layer}: {e}")
@@ -262,12 +219,3 @@ class PrefillWorker:
                 job.future.set_result({"worker_id": self.worker_id, "error": reason,
                                        "transfer_failed": False, "aborted": True})
         return engine.abort(request_id) or job is not None
-
-    def _after_step(self) -> None:
-        events = self.engine.block_manager.drain_events()
-        if not events:
-            return
-        if self.publisher is not None:
-            self.publisher.push(events)
-        else:
-            self._pending_events.extend(events)

@@ -108,8 +108,11 @@ def _error_message(address: str, e: grpc.RpcError) -> str:
 
 def run_generate(address: str, *, prompt: str, chat: bool, sampling: SamplingParams,
                  ttft_ms: float = 0.0, tpot_ms: float = 0.0, priority: int = 0,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Stream one reply to `out`, then a summary line to `err`; returns the exit code."""
+                 out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Stream one reply to `out`, then a summary line to `err` (default: the current
+    sys.stdout / sys.stderr); returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     request = build_generate_request(
         chat=[{"role": "user", "content": prompt}] if chat else None,
         text=None if chat else prompt,

@@ -39,6 +39,7 @@ class ClusterConfig:
     model: str | None = None  # checkpoint dir or .gguf; None = the default model
     num_prefill: int = 1
     num_decode: int = 1
+    num_colocated: int = 0  # > 0: the baseline, colocated workers only (prefill = decode = 0)
     redis_url: str | None = None  # None: start a local redis-server if on PATH, else in process
     start_redis: bool = True
     host: str = "127.0.0.1"
@@ -55,9 +56,15 @@ class ClusterConfig:
     fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ConfigError(f"need at least one prefill and one decode worker, got "
-                              f"--prefill {self.num_prefill} --decode {self.num_decode}")
+        if self.num_colocated:
+            if self.num_colocated < 0 or self.num_prefill or self.num_decode:
+                raise ConfigError(f"colocated workers ({self.num_colocated}) replace the "
+                                  f"prefill/decode pools: set both to 0, got --prefill "
+                                  f"{self.num_prefill} --decode {self.num_decode}")
+        elif self.num_prefill < 1 or self.num_decode < 1:
+            raise ConfigError(f"need at least one prefill and one decode worker (or "
+                              f"--colocated N), got --prefill {self.num_prefill} --decode "
+                              f"{self.num_decode}")
         if self.transport not in ("ucx", "tcp", "auto"):
             raise ConfigError(f"transport {self.transport!r}: a cluster's workers are separate "
                               "processes, choose ucx, tcp or auto")
@@ -107,12 +114,14 @@ class LocalCluster:
                  else "in process")
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            n = cfg.num_prefill + cfg.num_decode
+            n = cfg.num_prefill + cfg.num_decode + cfg.num_colocated
             ray.init(address=cfg.ray_address, include_dashboard=False,
                      num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
                                                                n * cfg.worker_num_cpus + 1),
                      logging_level=logging.WARNING, log_to_driver=True,
-                     runtime_env={"env_vars": {"THP_MEM_ALLOC_ENABLE": "1"}})
+                     runtime_env={"env_vars": {
+                         # huge pages: faster shared-memory KV copies between workers
+                         "THP_MEM_ALLOC_ENABLE": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}})
             self._started_ray = True
         self.prefill, self.decode = self._start_workers(model_path)
         infos = ray.get([a.ready.remote() for a in [*self.prefill.values(),
@@ -126,7 +135,8 @@ class LocalCluster:
         model = ModelInfo(name=Path(model_path).name, tokenizer=tokenizer,
                           vocab_size=model_cfg.vocab_size, max_model_len=max_len,
                           block_size=infos[0]["block_size"])
-        self.router = Router(model, self.prefill, self.decode, index, cfg.router)
+        self.router = Router(model, self.prefill, self.decode, index, cfg.router,
+                             colocated=cfg.num_colocated > 0)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router",
                                         daemon=True)
@@ -147,6 +157,7 @@ class LocalCluster:
     def _start_workers(self, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         import ray
 
+        from decode_worker.colocated import ColocatedWorker
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import PrefillWorker
 
@@ -159,6 +170,9 @@ class LocalCluster:
                               cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
                               cfg.router.kv_timeout_s, cfg.fault_layer_delay_s)
 
+        if cfg.num_colocated:
+            return {f"colocated-{i}": ray.remote(ColocatedWorker).options(**options).remote(
+                spec(f"colocated-{i}")) for i in range(cfg.num_colocated)}, {}
         prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(**options).remote(
             spec(f"prefill-{i}")) for i in range(cfg.num_prefill)}
         decode = {f"decode-{i}": ray.remote(DecodeWorker).options(**options).remote(

@@ -89,11 +89,16 @@ class _Run:
 
 class Router:
     def __init__(self, model: ModelInfo, prefill: dict[str, Any], decode: dict[str, Any],
-                 index: PrefixIndex, config: RouterConfig | None = None):
+                 index: PrefixIndex, config: RouterConfig | None = None,
+                 colocated: bool = False):
         self.model = model
         self.config = config or RouterConfig()
-        self.prefill = dict(prefill)  # worker id -> Ray actor handle
+        # worker id -> Ray actor handle. Colocated mode: `prefill` holds the colocated
+        # workers (they are the prefill candidates, scheduled the same way) and `decode` is
+        # empty; each request runs start to finish on one worker.
+        self.prefill = dict(prefill)
         self.decode = dict(decode)
+        self.colocated = colocated
         self.index = index
         self.index_in_process = isinstance(index, InProcessPrefixIndex)
         self.slo = SLOScheduler(list(self.prefill), list(self.decode),
@@ -176,6 +181,10 @@ class Router:
     async def serve(self, req: ParsedRequest, token_ids: list[int], info: RequestInfo,
                     hits: dict[str, int], run: _Run
                     ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        if self.colocated:
+            async for response in self._serve_colocated(req, token_ids, info, hits, run):
+                yield response
+            return
         sampling = dataclasses.asdict(req.sampling)
         exclude: set[str] = set()
         first_token: int | None = None  # once set, the client has it
@@ -233,6 +242,51 @@ class Router:
                 if item["token_ids"] or item["text"]:
                     yield delta_response(run.request_id, item["token_ids"], item["text"])
             raise RequestFailed(f"decode stream from {run.decode_id} ended without a finish")
+
+    async def _serve_colocated(self, req: ParsedRequest, token_ids: list[int],
+                               info: RequestInfo, hits: dict[str, int], run: _Run
+                               ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        """The baseline: one worker prefills and decodes; its prefill slot is held until the
+        first token, like a prefill worker's."""
+        import ray
+
+        placement = await self.slo.acquire(info, hits)
+        run.prefill_id = run.decode_id = placement.worker_id
+        run.worker_rid = run.request_id
+        sent = time.monotonic()
+        prefill_s: float | None = None
+        released = False
+        try:
+            gen = self.prefill[placement.worker_id].generate.options(
+                num_returns="streaming").remote(run.worker_rid, token_ids,
+                                                dataclasses.asdict(req.sampling))
+            async for ref in gen:
+                item = await ref
+                if item.get("error"):
+                    raise RequestFailed(f"worker {placement.worker_id}: {item['error']}")
+                if "prefill_s" in item:
+                    prefill_s = item["prefill_s"]
+                    run.cached_tokens = item["num_cached_tokens"]
+                    run.timing.queued_ms = 1e3 * (sent - run.arrival + item["queued_s"])
+                    run.timing.prefill_ms = 1e3 * prefill_s
+                    run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
+                    self.slo.release(placement, info, prefill_s=prefill_s, transfer_s=0.0)
+                    released = True
+                run.completion_tokens += len(item["token_ids"])
+                if item["finished"]:
+                    run.timing.decode_ms = 1e3 * item.get("decode_s", 0.0)
+                    yield self._final(run, item["finish_reason"], item["token_ids"],
+                                      item["text"])
+                    return
+                if item["token_ids"] or item["text"]:
+                    yield delta_response(run.request_id, item["token_ids"], item["text"])
+        except ray.exceptions.RayActorError as e:
+            self._worker_died("prefill", placement.worker_id, e)
+            raise RequestFailed(f"worker {placement.worker_id} died mid-request") from None
+        finally:
+            if not released:
+                self.slo.release(placement, info)
+        raise RequestFailed(f"stream from {placement.worker_id} ended without a finish")
 
     def _final(self, run: _Run, reason: str, token_ids=(), text: str = ""
                ) -> pdserve_pb2.GenerateResponse:
@@ -312,7 +366,8 @@ class Router:
         """Client cancel/deadline or a failure: free whatever the request holds, both sides."""
         if run.prefill_id in self.prefill:
             self.prefill[run.prefill_id].abort.remote(run.worker_rid)
-        self._abort_decode(run)
+        if not self.colocated:
+            self._abort_decode(run)
 
     # ---- workers -----------------------------------------------------------------------------
 

@@ -104,12 +104,15 @@ def cluster22(model_dir, ray_session, tmp_path_factory):
     stop_redis_server(proc)
 
 
-@pytest.mark.parametrize("topology", ["1P+1D", "2P+2D"])
+@pytest.mark.parametrize("topology", ["1P+1D", "2P+2D", "2 colocated"])
 def test_greedy_output_matches_colocated(topology, model_dir, ray_session, request):
     token_prompts = prompts(8, seed=1)
     expected = colocated(model_dir, token_prompts)
     if topology == "1P+1D":
         cluster = make_cluster(model_dir, 1, 1, start_redis=False)  # in-process index
+        cluster.start()
+    elif topology == "2 colocated":  # the baseline behind the same router
+        cluster = make_cluster(model_dir, 0, 0, num_colocated=2, start_redis=False)
         cluster.start()
     else:
         cluster = request.getfixturevalue("cluster22")
@@ -122,13 +125,16 @@ def test_greedy_output_matches_colocated(topology, model_dir, ray_session, reque
             assert f.finish_reason == "length"
             assert (f.prompt_tokens, f.completion_tokens) == (len(p), GREEDY.max_tokens)
             assert f.timing.e2e_ms >= f.timing.ttft_ms > 0
-            assert f.kv_transport in ("ucx", "tcp")
+            if topology == "2 colocated":
+                assert f.kv_transport == "none" and f.prefill_worker == f.decode_worker
+            else:
+                assert f.kv_transport in ("ucx", "tcp")
         if topology == "2P+2D":  # both pools were used
             assert len({r.final.prefill_worker for r in results}) == 2
             assert len({r.final.decode_worker for r in results}) == 2
         wait_idle(cluster)
     finally:
-        if topology == "1P+1D":
+        if topology != "2P+2D":
             cluster.stop()
 
 
@@ -161,6 +167,40 @@ def test_shared_prefix_routes_to_holder_and_skips_cached_tokens(cluster22):
     assert b.prefill_worker == a.prefill_worker
     assert b.cached_tokens == 160  # all ten full prefix blocks came from the cache
     assert b.prompt_tokens == 164
+
+
+def test_reflection_lists_the_services(cluster22):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster22.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"pdserve.v1.PDServe", "grpc.health.v1.Health"} <= names
+
+
+def test_cli_generate_streams_from_the_cluster(cluster22, capsys):
+    from engine.cli import main
+
+    assert main(["generate", "--address", cluster22.address, "--prompt", "hi there",
+                 "--max-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    assert "prefill_worker=prefill-" in out.err and "finish_reason=" in out.err
+    assert main(["generate", "--address", cluster22.address,
+                 "--prompt", "hello " * 2000]) == 2  # longer than max_model_len
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "max_model_len" in err
+
+
+def test_client_deadline_frees_blocks_on_both_sides(cluster22):
+    long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+    with GenerateClient(cluster22.address) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(build_generate_request(token_ids=list(range(9, 50)), sampling=long),
+                            timeout_s=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(cluster22)
 
 
 def test_cancel_mid_stream_frees_blocks_on_both_sides(cluster22):
