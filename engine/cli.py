@@ -74,7 +74,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
                            num_colocated=args.colocated,
                            redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
-                           port=args.port, transport=args.transport, engine=engine,
+                           port=args.port, metrics_port=args.metrics_port,
+                           transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus,
                            router=RouterConfig(max_queue=args.max_queue))
     stop = threading.Event()
@@ -87,6 +88,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         index = "redis " + cluster.redis_url.rsplit("@", 1)[-1] if cluster.redis_url else \
             "in process"
         print(f"pdserve: gRPC API on {cluster.address} (prefix index: {index})", file=sys.stderr)
+        if args.metrics_port is not None:
+            print(f"pdserve: Prometheus metrics on http://{args.host}:"
+                  f"{cluster.router.metrics_port}/metrics", file=sys.stderr)
         if args.prompt is not None:
             from router.client import run_generate
 
@@ -142,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-redis", action="store_true", help="never start a local redis-server")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free one)")
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="serve the router's Prometheus metrics on this port (0 = any)")
     up.add_argument("--transport", default="auto", choices=["auto", "ucx", "tcp"],
                     help="KV transport (auto: UCX where ucxx imports, else TCP)")
     up.add_argument("--kv-cache-mib", type=int, default=None, help="KV pool per worker")

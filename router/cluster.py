@@ -44,6 +44,7 @@ class ClusterConfig:
     start_redis: bool = True
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
+    metrics_port: int | None = None  # Prometheus /metrics of the router (0 = a free port)
     transport: str = "auto"  # KV transport: ucx | tcp | auto (ucx where ucxx imports)
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     worker_num_cpus: float = 0.25
@@ -141,8 +142,8 @@ class LocalCluster:
         self._thread = threading.Thread(target=self._loop.run_forever, name="router",
                                         daemon=True)
         self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self.router.start(cfg.host, cfg.port),
-                                                self._loop).result(60)
+        port = asyncio.run_coroutine_threadsafe(
+            self.router.start(cfg.host, cfg.port, cfg.metrics_port), self._loop).result(60)
         self.address = f"{cfg.host}:{port}"
         return self.address
 

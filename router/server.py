@@ -37,6 +37,7 @@ from router.api import (
     final_response,
     parse_generate_request,
 )
+from router.metrics import RouterMetrics
 from router.prefix_index import InProcessPrefixIndex, PrefixIndex
 from router.slo import PrefillPlacement, Rejected, RequestInfo, SLOScheduler
 
@@ -107,13 +108,15 @@ class Router:
         self._ids = itertools.count()
         self._tasks: list[asyncio.Task] = []
         self.server: grpc.aio.Server | None = None
-        self.counters: dict[str, int] = {"ok": 0, "invalid": 0, "rejected": 0, "failed": 0,
-                                         "cancelled": 0, "retries": 0}
+        self.metrics = RouterMetrics()
+        self._metrics_server = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve on host:port (0 = a free port); returns the bound port."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    metrics_port: int | None = None) -> int:
+        """Serve on host:port (0 = a free port); returns the bound port. With metrics_port,
+        Prometheus metrics are served over HTTP at host:metrics_port/metrics."""
         if self.index_in_process:
             for wid in self.prefill:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
@@ -130,6 +133,12 @@ class Router:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._watch_workers()))
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(metrics_port, host,
+                                                        registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
         log.info("router serving on %s:%d (%d prefill, %d decode workers, index %s)", host,
                  bound, len(self.prefill), len(self.decode), type(self.index).__name__)
         return bound
@@ -140,6 +149,9 @@ class Router:
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     # ---- one request -------------------------------------------------------------------------
 
@@ -213,7 +225,7 @@ class Router:
                                 run.request_id, result["error"])
                     exclude.add(run.decode_id)
                     run.retries += 1
-                    self.counters["retries"] += 1
+                    self.metrics.retries.inc()
                     continue
                 raise RequestFailed(f"prefill on {placement.worker_id}: {result['error']}")
             run.transport = result["transport"]
@@ -233,14 +245,11 @@ class Router:
             async for item in self._decode_stream(run):
                 if item.get("error"):
                     raise RequestFailed(f"decode on {run.decode_id}: {item['error']}")
-                run.completion_tokens += len(item["token_ids"])
-                if item["finished"]:
-                    run.timing.decode_ms = 1e3 * item.get("decode_s", 0.0)
-                    yield self._final(run, item["finish_reason"], item["token_ids"],
-                                      item["text"])
+                response, last = self._relay(run, item)
+                if response is not None:
+                    yield response
+                if last:
                     return
-                if item["token_ids"] or item["text"]:
-                    yield delta_response(run.request_id, item["token_ids"], item["text"])
             raise RequestFailed(f"decode stream from {run.decode_id} ended without a finish")
 
     async def _serve_colocated(self, req: ParsedRequest, token_ids: list[int],
@@ -272,14 +281,11 @@ class Router:
                     run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
                     self.slo.release(placement, info, prefill_s=prefill_s, transfer_s=0.0)
                     released = True
-                run.completion_tokens += len(item["token_ids"])
-                if item["finished"]:
-                    run.timing.decode_ms = 1e3 * item.get("decode_s", 0.0)
-                    yield self._final(run, item["finish_reason"], item["token_ids"],
-                                      item["text"])
+                response, last = self._relay(run, item)
+                if response is not None:
+                    yield response
+                if last:
                     return
-                if item["token_ids"] or item["text"]:
-                    yield delta_response(run.request_id, item["token_ids"], item["text"])
         except ray.exceptions.RayActorError as e:
             self._worker_died("prefill", placement.worker_id, e)
             raise RequestFailed(f"worker {placement.worker_id} died mid-request") from None
@@ -288,16 +294,30 @@ class Router:
                 self.slo.release(placement, info)
         raise RequestFailed(f"stream from {placement.worker_id} ended without a finish")
 
+    def _relay(self, run: _Run, item: dict[str, Any]
+               ) -> tuple[pdserve_pb2.GenerateResponse | None, bool]:
+        """A worker's stream item as the client's next message (None: nothing to say), and
+        whether it was the last."""
+        run.completion_tokens += len(item["token_ids"])
+        if item["finished"]:
+            run.timing.decode_ms = 1e3 * item.get("decode_s", 0.0)
+            return self._final(run, item["finish_reason"], item["token_ids"], item["text"]), True
+        if item["token_ids"] or item["text"]:
+            return delta_response(run.request_id, item["token_ids"], item["text"]), False
+        return None, False
+
     def _final(self, run: _Run, reason: str, token_ids=(), text: str = ""
                ) -> pdserve_pb2.GenerateResponse:
         run.done = True
         run.timing.e2e_ms = 1e3 * (time.monotonic() - run.arrival)
-        return final_response(
+        response = final_response(
             run.request_id, finish_reason=reason, prompt_tokens=run.prompt_tokens,
             cached_tokens=run.cached_tokens, completion_tokens=run.completion_tokens,
             timing=run.timing, prefill_worker=run.prefill_id or "",
             decode_worker=run.decode_id or "", kv_transport=run.transport,
             retries=run.retries, token_ids=token_ids, text=text)
+        self.metrics.observe_final(response.final, run.transport)
+        return response
 
     async def _reserve_decode(self, info: RequestInfo, token_ids: list[int],
                               sampling: dict[str, Any], worker_rid: str,
@@ -389,6 +409,11 @@ class Router:
 
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
+            self.metrics.waiting.set(self.slo.queue_length)
+            self.metrics.workers.labels("colocated" if self.colocated else "prefill").set(
+                len(self.prefill))
+            if not self.colocated:
+                self.metrics.workers.labels("decode").set(len(self.decode))
             for wid, actor in list(self.decode.items()):
                 try:
                     s = await actor.stats.remote()
@@ -424,7 +449,7 @@ class _Service(pdserve_pb2_grpc.PDServeServicer):
                                          new_request_id=router.new_request_id)
             token_ids = router.tokenize(req)
         except InvalidArgument as e:
-            router.counters["invalid"] += 1
+            router.metrics.rejected.labels("invalid_argument").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         hits = await router.lookup_prefix(token_ids)
         info = RequestInfo(req.request_id, len(token_ids), router.model.block_size,
@@ -432,24 +457,25 @@ class _Service(pdserve_pb2_grpc.PDServeServicer):
         try:
             router.slo.admit(info, hits)
         except Rejected as e:
-            router.counters["rejected"] += 1
+            router.metrics.rejected.labels("resource_exhausted").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         run = _Run(req.request_id, arrival, len(token_ids))
         status: tuple[grpc.StatusCode, str] | None = None
+        router.metrics.running.inc()
         try:
             async for response in router.serve(req, token_ids, info, hits, run):
                 yield response
-            router.counters["ok"] += 1
         except Rejected as e:
-            router.counters["rejected"] += 1
+            router.metrics.rejected.labels("resource_exhausted").inc()
             status = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except RequestFailed as e:
-            router.counters["failed"] += 1
+            router.metrics.rejected.labels("unavailable").inc()
             status = (grpc.StatusCode.UNAVAILABLE, str(e))
         except asyncio.CancelledError:
-            router.counters["cancelled"] += 1
+            router.metrics.cancelled.inc()
             raise
         finally:
+            router.metrics.running.dec()
             if not run.done:
                 router.abort_everywhere(run)
         if status is not None:

@@ -97,7 +97,8 @@ def cluster22(model_dir, ray_session, tmp_path_factory):
     if REDIS_SERVER is None:
         pytest.skip(SKIP_REASON)
     port, proc = start_redis_server(tmp_path_factory.mktemp("redis22"))
-    cluster = make_cluster(model_dir, 2, 2, redis_url=f"redis://127.0.0.1:{port}/0")
+    cluster = make_cluster(model_dir, 2, 2, redis_url=f"redis://127.0.0.1:{port}/0",
+                           metrics_port=0)
     cluster.start()
     yield cluster
     cluster.stop()
@@ -169,6 +170,20 @@ def test_shared_prefix_routes_to_holder_and_skips_cached_tokens(cluster22):
     assert b.prompt_tokens == 164
 
 
+def test_prometheus_metrics_show_phases_and_transport(cluster22):
+    import urllib.request
+
+    with GenerateClient(cluster22.address) as client:
+        final = client.generate(build_generate_request(token_ids=[4, 5, 6], sampling=GREEDY)).final
+    url = f"http://127.0.0.1:{cluster22.router.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "prefill_time_seconds", "kv_transfer_seconds"):
+        assert f"pdserve:{name}_count" in text
+    assert f'pdserve:kv_transfers_total{{transport="{final.kv_transport}"}}' in text
+    assert 'pdserve:request_success_total{finished_reason="length"}' in text
+
+
 def test_reflection_lists_the_services(cluster22):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -195,10 +210,9 @@ def test_cli_generate_streams_from_the_cluster(cluster22, capsys):
 
 def test_client_deadline_frees_blocks_on_both_sides(cluster22):
     long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
-    with GenerateClient(cluster22.address) as client:
-        with pytest.raises(grpc.RpcError) as err:
-            client.generate(build_generate_request(token_ids=list(range(9, 50)), sampling=long),
-                            timeout_s=0.3)
+    with GenerateClient(cluster22.address) as client, pytest.raises(grpc.RpcError) as err:
+        client.generate(build_generate_request(token_ids=list(range(9, 50)), sampling=long),
+                        timeout_s=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(cluster22)
 
@@ -214,7 +228,8 @@ def test_cancel_mid_stream_frees_blocks_on_both_sides(cluster22):
                 break
         call.cancel()
     wait_idle(cluster22)
-    assert cluster22.router.counters["cancelled"] >= 1
+    metrics = cluster22.router.metrics.registry
+    assert metrics.get_sample_value("pdserve:requests_cancelled_total") >= 1
 
 
 @pytest.mark.parametrize("bad, words", [

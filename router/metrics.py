@@ -1,0 +1,83 @@
+"""The router's Prometheus metrics, named in vLLM's style with our prefix (`pdserve:`).
+
+One registry per Router, so that several routers (tests) can live in one process; `pdserve
+up --metrics-port P` serves it over HTTP for Prometheus to scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets (seconds): sub-millisecond phases (transfer on one host) up to long decodes.
+FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PHASE = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+E2E = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds",
+                              "Arrival at the router to the first token sent", buckets=PHASE,
+                              registry=r)
+        self.tpot = Histogram("pdserve:time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request",
+                              buckets=FAST, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds",
+                             "Arrival to the final message", buckets=E2E, registry=r)
+        self.queue = Histogram("pdserve:request_queue_time_seconds",
+                               "Arrival until a prefill worker starts computing",
+                               buckets=PHASE, registry=r)
+        self.prefill = Histogram("pdserve:prefill_time_seconds",
+                                 "Prefill compute of the uncached prompt tokens",
+                                 buckets=PHASE, registry=r)
+        self.transfer = Histogram("pdserve:kv_transfer_seconds",
+                                  "KV transfer time left after prefill compute (layer-wise "
+                                  "streaming hides the rest)", ["transport"], buckets=FAST,
+                                  registry=r)
+        self.decode = Histogram("pdserve:decode_time_seconds", "KV arrival to finish",
+                                buckets=E2E, registry=r)
+        self.transfers = Counter("pdserve:kv_transfers_total",
+                                 "Requests whose KV moved, by transport", ["transport"],
+                                 registry=r)
+        self.retries = Counter("pdserve:kv_transfer_retries_total",
+                               "Requests retried after a failed KV transfer or a dead worker",
+                               registry=r)
+        self.success = Counter("pdserve:request_success_total", "Finished requests",
+                               ["finished_reason"], registry=r)
+        self.rejected = Counter("pdserve:requests_rejected_total",
+                                "Requests refused: invalid_argument, resource_exhausted, "
+                                "unavailable", ["reason"], registry=r)
+        self.cancelled = Counter("pdserve:requests_cancelled_total",
+                                 "Requests the client cancelled or let pass their deadline",
+                                 registry=r)
+        self.prefix_queries = Counter("pdserve:prefix_cache_queries_total",
+                                      "Prompt tokens routed", registry=r)
+        self.prefix_hits = Counter("pdserve:prefix_cache_hits_total",
+                                   "Prompt tokens served from a worker's prefix cache",
+                                   registry=r)
+        self.waiting = Gauge("pdserve:num_requests_waiting",
+                             "Requests waiting for a prefill slot", registry=r)
+        self.running = Gauge("pdserve:num_requests_running",
+                             "Requests admitted and not finished", registry=r)
+        self.workers = Gauge("pdserve:workers", "Live workers by pool", ["pool"], registry=r)
+
+    def observe_final(self, final, transport: str) -> None:
+        """Record one finished request from its final message (FinalInfo)."""
+        t = final.timing
+        self.ttft.observe(t.ttft_ms / 1e3)
+        self.e2e.observe(t.e2e_ms / 1e3)
+        self.queue.observe(t.queued_ms / 1e3)
+        self.prefill.observe(t.prefill_ms / 1e3)
+        self.decode.observe(t.decode_ms / 1e3)
+        if final.completion_tokens > 1:
+            self.tpot.observe((t.e2e_ms - t.ttft_ms) / 1e3 / (final.completion_tokens - 1))
+        if transport != "none":
+            self.transfer.labels(transport).observe(t.transfer_ms / 1e3)
+            self.transfers.labels(transport).inc()
+        self.success.labels(final.finish_reason).inc()
+        self.prefix_queries.inc(final.prompt_tokens)
+        self.prefix_hits.inc(final.cached_tokens)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
