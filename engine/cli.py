@@ -76,7 +76,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                            redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
                            port=args.port, metrics_port=args.metrics_port,
                            transport=args.transport, engine=engine,
-                           worker_num_gpus=args.worker_gpus,
+                           worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
+                           pool_resources=args.pool_resources,
                            router=RouterConfig(max_queue=args.max_queue))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV transport (auto: UCX where ucxx imports, else TCP)")
     up.add_argument("--kv-cache-mib", type=int, default=None, help="KV pool per worker")
     up.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor")
+    up.add_argument("--ray-address", default=None,
+                    help="join this Ray cluster (e.g. ray://head:10001, or 'auto') instead of "
+                         "starting one here")
+    up.add_argument("--pool-resources", action="store_true",
+                    help="place pools on Ray nodes advertising the custom resources "
+                         "pdserve_prefill / pdserve_decode / pdserve_colocated (KubeRay)")
     up.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED")
     up.add_argument("--prompt", default=None,

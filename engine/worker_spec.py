@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig, EngineMode
@@ -24,9 +25,17 @@ class WorkerSpec:
     # Fault injection (tests): prefill sleeps this long before shipping each layer, so that a
     # peer can be killed while a transfer is in flight.
     fault_layer_delay_s: float = 0.0
+    # What the user asked for (--model; None = the default model): a worker on another host,
+    # where model_path does not exist, resolves it into its own cache.
+    model_source: str | None = None
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
-        return EngineConfig(**{**self.engine, "model": self.model_path, "mode": mode})
+        model = self.model_path
+        if not Path(model).exists():
+            from engine.default_model import resolve_model
+
+            model = str(resolve_model(self.model_source))
+        return EngineConfig(**{**self.engine, "model": model, "mode": mode})
 
 
 def node_host() -> str:

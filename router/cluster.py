@@ -50,6 +50,9 @@ class ClusterConfig:
     worker_num_cpus: float = 0.25
     worker_num_gpus: float = 0.0
     ray_address: str | None = None  # join this Ray cluster instead of starting one
+    # KubeRay: place each pool on its worker group, which advertises the custom resource
+    # pdserve_prefill / pdserve_decode / pdserve_colocated (rayStartParams.resources).
+    pool_resources: bool = False
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -163,22 +166,22 @@ class LocalCluster:
         from prefill_worker.worker import PrefillWorker
 
         cfg = self.config
-        options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
-                       "max_restarts": 0, "max_concurrency": 1000}
 
-        def spec(worker_id: str) -> WorkerSpec:
-            return WorkerSpec(worker_id, str(model_path), Path(model_path).name, cfg.engine,
-                              cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
-                              cfg.router.kv_timeout_s, cfg.fault_layer_delay_s)
+        def start(cls: type, pool: str, n: int) -> dict[str, Any]:
+            options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
+                       "max_restarts": 0, "max_concurrency": 1000}
+            if cfg.pool_resources:
+                options["resources"] = {f"pdserve_{pool}": 1}
+            return {f"{pool}-{i}": ray.remote(cls).options(**options).remote(WorkerSpec(
+                f"{pool}-{i}", str(model_path), Path(model_path).name, cfg.engine,
+                cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
+                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model))
+                for i in range(n)}
 
         if cfg.num_colocated:
-            return {f"colocated-{i}": ray.remote(ColocatedWorker).options(**options).remote(
-                spec(f"colocated-{i}")) for i in range(cfg.num_colocated)}, {}
-        prefill = {f"prefill-{i}": ray.remote(PrefillWorker).options(**options).remote(
-            spec(f"prefill-{i}")) for i in range(cfg.num_prefill)}
-        decode = {f"decode-{i}": ray.remote(DecodeWorker).options(**options).remote(
-            spec(f"decode-{i}")) for i in range(cfg.num_decode)}
-        return prefill, decode
+            return start(ColocatedWorker, "colocated", cfg.num_colocated), {}
+        return (start(PrefillWorker, "prefill", cfg.num_prefill),
+                start(DecodeWorker, "decode", cfg.num_decode))
 
     # ---- stop --------------------------------------------------------------------------------
 
