@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from engine.config import ConfigError, EngineConfig
@@ -141,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--colocated", type=int, default=0,
                     help="serve with N colocated workers instead (the P/D baseline)")
-    up.add_argument("--redis", default=None, metavar="URL",
-                    help="prefix index Redis URL (default: start redis-server if on PATH, "
-                         "else keep the index in the router's process)")
+    up.add_argument("--redis", default=os.environ.get("PDSERVE_REDIS_URL"), metavar="URL",
+                    help="prefix index Redis URL, redis:// or rediss:// (default: "
+                         "$PDSERVE_REDIS_URL, which keeps a password out of the process list; "
+                         "else start redis-server if on PATH, else keep the index in the "
+                         "router's process)")
     up.add_argument("--no-redis", action="store_true", help="never start a local redis-server")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free one)")
