@@ -72,10 +72,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         engine["kv_cache_memory_bytes"] = args.kv_cache_mib * 2**20
     if args.colocated:
         args.prefill = args.decode = 0
+    # A one-shot --prompt run takes free ports unless told otherwise: nothing to collide with.
+    grpc_port = args.port if args.port is not None else (0 if args.prompt else 50051)
+    http_port = args.http_port if args.http_port is not None else (0 if args.prompt else 8000)
     config = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
                            num_colocated=args.colocated,
                            redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
-                           port=args.port, metrics_port=args.metrics_port,
+                           port=grpc_port, metrics_port=args.metrics_port,
+                           http_port=None if http_port < 0 else http_port,
                            transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
                            pool_resources=args.pool_resources,
@@ -90,6 +94,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         index = "redis " + cluster.redis_url.rsplit("@", 1)[-1] if cluster.redis_url else \
             "in process"
         print(f"pdserve: gRPC API on {cluster.address} (prefix index: {index})", file=sys.stderr)
+        if cluster.router.http is not None:
+            print(f"pdserve: OpenAI-compatible API on http://{args.host}:"
+                  f"{cluster.router.http_port}/v1", file=sys.stderr)
         if args.metrics_port is not None:
             print(f"pdserve: Prometheus metrics on http://{args.host}:"
                   f"{cluster.router.metrics_port}/metrics", file=sys.stderr)
@@ -149,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "router's process)")
     up.add_argument("--no-redis", action="store_true", help="never start a local redis-server")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free one)")
+    up.add_argument("--port", type=int, default=None,
+                    help="gRPC port (default 50051; 0 = any free one)")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="OpenAI-compatible HTTP API port (default 8000; 0 = any free one, "
+                         "-1 = off)")
     up.add_argument("--metrics-port", type=int, default=None,
                     help="serve the router's Prometheus metrics on this port (0 = any)")
     up.add_argument("--transport", default="auto", choices=["auto", "ucx", "tcp"],

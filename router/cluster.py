@@ -45,6 +45,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
     metrics_port: int | None = None  # Prometheus /metrics of the router (0 = a free port)
+    http_port: int | None = None  # OpenAI-compatible HTTP API (0 = a free port)
     transport: str = "auto"  # KV transport: ucx | tcp | auto (ucx where ucxx imports)
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     worker_num_cpus: float = 0.25
@@ -146,7 +147,8 @@ class LocalCluster:
                                         daemon=True)
         self._thread.start()
         port = asyncio.run_coroutine_threadsafe(
-            self.router.start(cfg.host, cfg.port, cfg.metrics_port), self._loop).result(60)
+            self.router.start(cfg.host, cfg.port, cfg.metrics_port, cfg.http_port),
+            self._loop).result(60)
         self.address = f"{cfg.host}:{port}"
         return self.address
 

@@ -46,6 +46,15 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pdserve_pb2.DESCRIPTOR.services_by_name["PDServe"].full_name
 
 
+class RouterError(Exception):
+    """How a request ended when it did not finish: a gRPC status and a message. The gRPC
+    service aborts with it; the HTTP front end maps it to an HTTP status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
 class RequestFailed(RuntimeError):
     """A request that could not be served for a reason that is not the client's: a worker
     died, or the KV transfer failed twice. Maps to UNAVAILABLE."""
@@ -110,13 +119,15 @@ class Router:
         self.server: grpc.aio.Server | None = None
         self.metrics = RouterMetrics()
         self._metrics_server = None
+        self.http = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
-                    metrics_port: int | None = None) -> int:
-        """Serve on host:port (0 = a free port); returns the bound port. With metrics_port,
-        Prometheus metrics are served over HTTP at host:metrics_port/metrics."""
+                    metrics_port: int | None = None, http_port: int | None = None) -> int:
+        """Serve gRPC on host:port (0 = a free port); returns the bound port. With
+        metrics_port, Prometheus metrics on host:metrics_port/metrics; with http_port, the
+        OpenAI-compatible API (router/openai_http.py) on host:http_port."""
         if self.index_in_process:
             for wid in self.prefill:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
@@ -133,6 +144,11 @@ class Router:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._watch_workers()))
+        if http_port is not None:
+            from router.openai_http import OpenAIServer
+
+            self.http = OpenAIServer(self)
+            self.http_port = await self.http.start(host, http_port)
         if metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -149,6 +165,8 @@ class Router:
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_s)
+        if self.http is not None:
+            await self.http.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -189,6 +207,46 @@ class Router:
         if self.index_in_process:  # in memory and touched only on this loop
             return self.index.longest_prefix(hashes)
         return await asyncio.to_thread(self.index.longest_prefix, hashes)
+
+    async def generate(self, request: pdserve_pb2.GenerateRequest
+                       ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        """One request, start to end, for any front end: deltas then a final message, or
+        RouterError. Cancelling the consumer (client gone, deadline) aborts the request on
+        its workers, which frees its blocks."""
+        arrival = time.monotonic()
+        try:
+            req = parse_generate_request(request, served_model=self.model.name,
+                                         new_request_id=self.new_request_id)
+            token_ids = self.tokenize(req)
+        except InvalidArgument as e:
+            self.metrics.rejected.labels("invalid_argument").inc()
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        hits = await self.lookup_prefix(token_ids)
+        info = RequestInfo(req.request_id, len(token_ids), self.model.block_size,
+                           req.priority, req.ttft_slo_s, req.tpot_slo_s, arrival)
+        try:
+            self.slo.admit(info, hits)
+        except Rejected as e:
+            self.metrics.rejected.labels("resource_exhausted").inc()
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        run = _Run(req.request_id, arrival, len(token_ids))
+        self.metrics.running.inc()
+        try:
+            async for response in self.serve(req, token_ids, info, hits, run):
+                yield response
+        except Rejected as e:
+            self.metrics.rejected.labels("resource_exhausted").inc()
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except RequestFailed as e:
+            self.metrics.rejected.labels("unavailable").inc()
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            self.metrics.running.dec()
+            if not run.done:
+                self.abort_everywhere(run)
 
     async def serve(self, req: ParsedRequest, token_ids: list[int], info: RequestInfo,
                     hits: dict[str, int], run: _Run
@@ -442,41 +500,8 @@ class _Service(pdserve_pb2_grpc.PDServeServicer):
     async def Generate(self, request: pdserve_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
-        router = self.router
-        arrival = time.monotonic()
         try:
-            req = parse_generate_request(request, served_model=router.model.name,
-                                         new_request_id=router.new_request_id)
-            token_ids = router.tokenize(req)
-        except InvalidArgument as e:
-            router.metrics.rejected.labels("invalid_argument").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        hits = await router.lookup_prefix(token_ids)
-        info = RequestInfo(req.request_id, len(token_ids), router.model.block_size,
-                           req.priority, req.ttft_slo_s, req.tpot_slo_s, arrival)
-        try:
-            router.slo.admit(info, hits)
-        except Rejected as e:
-            router.metrics.rejected.labels("resource_exhausted").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        run = _Run(req.request_id, arrival, len(token_ids))
-        status: tuple[grpc.StatusCode, str] | None = None
-        router.metrics.running.inc()
-        try:
-            async for response in router.serve(req, token_ids, info, hits, run):
+            async for response in self.router.generate(request):
                 yield response
-        except Rejected as e:
-            router.metrics.rejected.labels("resource_exhausted").inc()
-            status = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except RequestFailed as e:
-            router.metrics.rejected.labels("unavailable").inc()
-            status = (grpc.StatusCode.UNAVAILABLE, str(e))
-        except asyncio.CancelledError:
-            router.metrics.cancelled.inc()
-            raise
-        finally:
-            router.metrics.running.dec()
-            if not run.done:
-                router.abort_everywhere(run)
-        if status is not None:
-            await context.abort(*status)
+        except RouterError as e:
+            await context.abort(e.code, e.message)

@@ -98,7 +98,7 @@ def cluster22(model_dir, ray_session, tmp_path_factory):
         pytest.skip(SKIP_REASON)
     port, proc = start_redis_server(tmp_path_factory.mktemp("redis22"))
     cluster = make_cluster(model_dir, 2, 2, redis_url=f"redis://127.0.0.1:{port}/0",
-                           metrics_port=0)
+                           metrics_port=0, http_port=0)
     cluster.start()
     yield cluster
     cluster.stop()
@@ -184,6 +184,41 @@ def test_prometheus_metrics_show_phases_and_transport(cluster22):
     assert 'pdserve:request_success_total{finished_reason="length"}' in text
 
 
+def test_openai_client_completions_and_chat(cluster22, model_dir):
+    openai = pytest.importorskip("openai")
+    engine = LLMEngine(EngineConfig(model=str(model_dir), **ENGINE))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster22.router.http_port}/v1",
+                           api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    extra = {"ignore_eos": True}
+
+    prompt = list(range(5, 40))
+    want = engine.generate([prompt], GREEDY)[0]
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=12,
+                                    temperature=0, extra_body=extra)
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (35, 12)
+
+    chat = [{"role": "user", "content": "hello there"}]
+    want = engine.generate([chat], GREEDY)[0]
+    stream = client.chat.completions.create(model=model, messages=chat, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body=extra)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[], max_tokens=3)
+    assert "messages" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="other-model", prompt="hi", max_tokens=3)
+
+
 def test_reflection_lists_the_services(cluster22):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -251,7 +286,8 @@ def test_bad_requests_get_invalid_argument(cluster22, bad, words):
 
 def test_overload_is_rejected_early_while_admitted_requests_complete(model_dir, ray_session):
     router = RouterConfig(slots_per_prefill_worker=1, max_queue=2)
-    with make_cluster(model_dir, 1, 1, start_redis=False, router=router) as cluster:
+    with make_cluster(model_dir, 1, 1, start_redis=False, router=router,
+                      http_port=0) as cluster:
         sampling = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
         reqs = [build_generate_request(token_ids=p, sampling=sampling)
                 for p in prompts(16, seed=4)]
@@ -259,6 +295,9 @@ def test_overload_is_rejected_early_while_admitted_requests_complete(model_dir, 
 
         def one(i: int) -> None:
             start = time.monotonic()
+            if i % 2:  # half of them over the OpenAI HTTP API: 429 with Retry-After there
+                outcomes[i] = (http_completion(cluster, reqs[i]), time.monotonic() - start)
+                return
             try:
                 client.generate(reqs[i])
                 outcomes[i] = ("ok", time.monotonic() - start)
@@ -279,6 +318,27 @@ def test_overload_is_rejected_early_while_admitted_requests_complete(model_dir, 
         assert (max(t for c, t in outcomes if c != "ok")
                 < min(t for c, t in outcomes if c == "ok"))
         wait_idle(cluster)
+
+
+def http_completion(cluster: LocalCluster, req) -> str:
+    """POST the request's token ids to /v1/completions: "ok" or the gRPC-style status name."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {"prompt": list(req.token_ids.ids), "max_tokens": req.sampling.max_tokens,
+            "temperature": 0, "ignore_eos": True}
+    http = urllib.request.Request(
+        f"http://127.0.0.1:{cluster.router.http_port}/v1/completions",
+        data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http, timeout=120) as r:
+            assert json.load(r)["usage"]["completion_tokens"] == req.sampling.max_tokens
+            return "ok"
+    except urllib.error.HTTPError as e:
+        assert e.code == 429 and e.headers["Retry-After"], (e.code, e.read())
+        assert json.load(e)["error"]["type"] == "rate_limit_error"
+        return "RESOURCE_EXHAUSTED"
 
 
 def _holder(cluster: LocalCluster, pool: str, timeout_s: float = 10.0) -> str:

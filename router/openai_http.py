@@ -1,0 +1,293 @@
+"""OpenAI-compatible HTTP front end, served by the router beside gRPC (aiohttp, same loop).
+
+    POST /v1/completions         prompt: string, [string], or token ids ([int] / [[int]])
+    POST /v1/chat/completions    messages with string or text-part content
+    GET  /v1/models, /health, /metrics
+
+Both POST routes stream as server-sent events with `"stream": true` (ending `data: [DONE]`;
+`stream_options.include_usage` adds a usage chunk) or answer one JSON body. A body becomes a
+`GenerateRequest` and runs through `Router.generate`, exactly like a gRPC call, so validation,
+SLO scheduling and cancellation (client disconnect) are the same. pdserve extensions in the
+body: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `priority`, `ttft_ms`, `tpot_ms`.
+
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request,
+429 overloaded (with Retry-After), 503 no healthy worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from router.api import InvalidArgument, build_generate_request
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+}
+RETRY_AFTER_S = "1"
+# OpenAI body field -> pdserve SamplingParams field (None: same name).
+SAMPLING_FIELDS = {"temperature": None, "top_p": None, "top_k": None, "min_p": None,
+                   "seed": None, "presence_penalty": None, "frequency_penalty": None,
+                   "repetition_penalty": None, "ignore_eos": None, "stop": None,
+                   "skip_special_tokens": None}
+UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "tools": None,
+               "functions": None, "logit_bias": None, "best_of": 1, "top_logprobs": None,
+               "response_format": None}
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(status: int, kind: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _router_error(e) -> web.Response:
+    status, kind = HTTP_STATUS.get(e.code, (500, "internal_error"))
+    headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
+    return error_response(status, kind, e.message, headers=headers)
+
+
+class OpenAIServer:
+    def __init__(self, router):
+        self.router = router
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self._ids = 0
+
+    async def start(self, host: str, port: int) -> int:
+        app = web.Application(client_max_size=8 * 2**20)
+        app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ---- simple routes -----------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        name = self.router.model.name
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
+             "max_model_len": self.router.model.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = bool(self.router.prefill) and (self.router.colocated or bool(self.router.decode))
+        return web.json_response({"status": "ok" if ok else "no healthy workers"},
+                                 status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.router.metrics.exposition(),
+                            content_type="text/plain", charset="utf-8")
+
+    # ---- generation --------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, "invalid_request_error", "the body is not valid JSON")
+        try:
+            msg, stream, include_usage = self._to_request(body, chat)
+        except BadRequest as e:
+            return error_response(400, "invalid_request_error", str(e), e.param)
+        self._ids += 1
+        oid = f"{'chatcmpl' if chat else 'cmpl'}-{self._ids}-{time.time_ns() % 10**9}"
+        responses = self.router.generate(msg)
+        if stream:
+            return await self._stream(request, responses, oid, chat, include_usage)
+        return await self._collect(responses, oid, chat)
+
+    def _to_request(self, body: Any, chat: bool):
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        for key, default in UNSUPPORTED.items():
+            if body.get(key, default) not in (default, None):
+                raise BadRequest(f"{key} is not supported by pdserve", key)
+        if body.get("n", 1) != 1:
+            raise BadRequest("only n=1 is supported", "n")
+        sampling: dict[str, Any] = {}
+        for key, ours in SAMPLING_FIELDS.items():
+            if body.get(key) is not None:
+                sampling[ours or key] = body[key]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            sampling["max_tokens"] = max_tokens
+        elif not chat:
+            sampling["max_tokens"] = 16  # OpenAI's completions default
+        stream = bool(body.get("stream", False))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("stream_options must be an object", "stream_options")
+        kwargs: dict[str, Any] = {"sampling": sampling, "model": _str(body, "model"),
+                                  "priority": body.get("priority", 0),
+                                  "ttft_ms": body.get("ttft_ms", 0),
+                                  "tpot_ms": body.get("tpot_ms", 0)}
+        if chat:
+            kwargs["chat"] = _messages(body.get("messages"))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0],
+                                                                           (str, list)):
+                prompt = prompt[0]  # a batch of one
+            if isinstance(prompt, str):
+                kwargs["text"] = prompt
+            elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                kwargs["token_ids"] = prompt
+            else:
+                raise BadRequest("prompt must be a string or a list of token ids (batches of "
+                                 "more than one prompt are not supported)", "prompt")
+        try:
+            msg = build_generate_request(**kwargs)
+        except (InvalidArgument, TypeError, ValueError) as e:
+            raise BadRequest(str(e)) from None
+        return msg, stream, bool(options.get("include_usage", False))
+
+    async def _collect(self, responses: AsyncIterator, oid: str, chat: bool) -> web.Response:
+        from router.server import RouterError
+
+        text, final = [], None
+        try:
+            async for r in responses:
+                text.append(r.text)
+                if r.HasField("final"):
+                    final = r.final
+        except RouterError as e:
+            return _router_error(e)
+        content = "".join(text)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": final.finish_reason,
+                                  "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": content}
+        else:
+            choice["text"] = content
+        return web.json_response({
+            "id": oid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.router.model.name,
+            "choices": [choice], "usage": _usage(final)})
+
+    async def _stream(self, request: web.Request, responses: AsyncIterator, oid: str,
+                      chat: bool, include_usage: bool) -> web.StreamResponse:
+        from router.server import RouterError
+
+        created, model = int(time.time()), self.router.model.name
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                          "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": None}
+            return {"id": oid, "object": kind, "created": created, "model": model,
+                    "choices": [choice]}
+
+        # Pull the first message before committing to a 200: admission errors become a plain
+        # HTTP error (429/400) that clients can retry on.
+        it = responses.__aiter__()
+        try:
+            first = await it.__anext__()
+        except RouterError as e:
+            return _router_error(e)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        async def send(obj: Any) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+            await resp.write(f"data: {data}\n\n".encode())
+
+        msg, is_first = first, True
+        try:
+            while True:
+                if msg.text or is_first:
+                    await send(chunk(msg.text, None, first=is_first))
+                    is_first = False
+                if msg.HasField("final"):
+                    await send(chunk(None, msg.final.finish_reason))
+                    if include_usage:
+                        await send({"id": oid, "object": kind, "created": created,
+                                    "model": model, "choices": [],
+                                    "usage": _usage(msg.final)})
+                    break
+                msg = await it.__anext__()
+        except RouterError as e:
+            status, kind_ = HTTP_STATUS.get(e.code, (500, "internal_error"))
+            await send({"error": {"message": e.message, "type": kind_, "param": None,
+                                  "code": status}})
+        await send("[DONE]")
+        await resp.write_eof()
+        return resp
+
+
+def _str(body: dict, key: str) -> str:
+    value = body.get(key) or ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string", key)
+    return value
+
+
+def _messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # text parts; other part types are not supported
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise BadRequest(f"messages[{i}].content: only text parts are supported",
+                                     "messages")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string or text parts",
+                             "messages")
+        out.append({"role": str(m.get("role", "")), "content": content})
+    return out
+
+
+def _usage(final) -> dict[str, Any]:
+    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
+            "total_tokens": final.prompt_tokens + final.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
