@@ -105,6 +105,7 @@ class DecodeWorker(WorkerBase):
     def _on_transfer(self, result: TransferResult) -> None:
         rid = result.request_id
         if result.ok:
+            self.metrics.transfer_bytes(self.transport, result.num_bytes)
             control = result.control
 
             def commit(e: LLMEngine) -> None:

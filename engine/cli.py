@@ -97,9 +97,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if cluster.router.http is not None:
             print(f"pdserve: OpenAI-compatible API on http://{args.host}:"
                   f"{cluster.router.http_port}/v1", file=sys.stderr)
-        if args.metrics_port is not None:
-            print(f"pdserve: Prometheus metrics on http://{args.host}:"
-                  f"{cluster.router.metrics_port}/metrics", file=sys.stderr)
+        targets = ", ".join(f'"{t}"' for t in cluster.scrape_targets)
+        print(f"pdserve: Prometheus scrape targets (static_configs): [{targets}]",
+              file=sys.stderr)
         if args.prompt is not None:
             from router.client import run_generate
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
 from engine.engine_loop import EngineLoop
-from engine.worker_spec import WorkerSpec
+from engine.worker_spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +37,10 @@ class WorkerBase:
         self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
         self._pending_events: list[Any] = []  # in-process index mode: pulled by the router
         self.publisher = None
+        from router.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
+        self.metrics_address = self.metrics.serve(node_host())
         if self.publishes_blocks and spec.redis_url:
             from prefill_worker.index_publisher import IndexPublisher
             from router.prefix_index import RedisPrefixIndex
@@ -49,7 +53,7 @@ class WorkerBase:
 
     def _start_loop(self) -> None:
         """Last step of a subclass's __init__, once everything the callbacks use exists."""
-        self.loop = EngineLoop(self.engine, self._on_outputs, self._after_step, self.worker_id)
+        self.loop = EngineLoop(self.engine, self._outputs, self._after_step_all, self.worker_id)
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the engine thread and await its result."""
@@ -61,7 +65,8 @@ class WorkerBase:
         return {"worker_id": self.worker_id, "mode": self.mode.value,
                 "num_blocks": self.engine.block_manager.num_blocks,
                 "block_size": self.engine.config.block_size,
-                "max_model_len": self.engine.max_model_len, **self._ready_extra()}
+                "max_model_len": self.engine.max_model_len, "metrics": self.metrics_address,
+                **self._ready_extra()}
 
     def _ready_extra(self) -> dict[str, Any]:
         return {}
@@ -99,6 +104,7 @@ class WorkerBase:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.metrics.close()
         if self.publisher is not None:
             self.publisher.close()
 
@@ -150,8 +156,25 @@ class WorkerBase:
         return {"free_blocks": self.engine.block_manager.num_free_blocks,
                 "num_running": len(self.engine.scheduler.running)}
 
+    def _outputs(self, outputs: list[RequestOutput]) -> None:
+        m = self.metrics
+        for out in outputs:
+            if out.new_token_ids:
+                m.generation_tokens.inc(len(out.new_token_ids))
+                if out.num_output_tokens == 1:
+                    m.prompt_tokens.inc(out.num_prompt_tokens)
+        self._on_outputs(outputs)
+
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         raise NotImplementedError
+
+    def _after_step_all(self) -> None:
+        m, e = self.metrics, self.engine
+        m.step.observe(self.loop.stats.last_step_s)
+        m.running.set(len(e.scheduler.running))
+        m.waiting.set(len(e.scheduler.waiting))
+        m.kv_usage.set(e.block_manager.usage)
+        self._after_step()
 
     def _after_step(self) -> None:
         if not self.publishes_blocks:

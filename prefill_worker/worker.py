@@ -183,6 +183,7 @@ class PrefillWorker(WorkerBase):
                 transfer_s = time.monotonic() - job.computed
                 if not result.ok:
                     job.error = f"KV transfer failed: {result.error}"
+                self.metrics.transfer_bytes(self.transport, result.num_bytes)
             except (TransferError, KVLayoutMismatch, OSError, ValueError) as e:
                 job.error = f"KV transfer failed: {e}"
             job.session = None

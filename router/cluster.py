@@ -85,6 +85,7 @@ class LocalCluster:
         self.router: Router | None = None
         self.address = ""
         self.redis_url: str | None = None
+        self.worker_metrics: list[str] = []
         self._redis_proc = None
         self._redis_dir: str | None = None
         self._started_ray = False
@@ -134,6 +135,7 @@ class LocalCluster:
                         timeout=cfg.start_timeout_s)
         for info in infos:
             log.info("worker %s ready (KV transport %s)", info["worker_id"], info["transport"])
+        self.worker_metrics = [info["metrics"] for info in infos]
         tokenizer = (Tokenizer.from_dir(model_path)
                      if (Path(model_path) / "tokenizer.json").is_file() else None)
         max_len = min(i["max_model_len"] for i in infos if "max_model_len" in i)
@@ -151,6 +153,17 @@ class LocalCluster:
             self._loop).result(60)
         self.address = f"{cfg.host}:{port}"
         return self.address
+
+    @property
+    def scrape_targets(self) -> list[str]:
+        """host:port of every /metrics endpoint of this cluster: the router's (when
+        metrics_port is set) and each worker's. One Prometheus static_configs list."""
+        router = []
+        if self.router is not None and self.config.metrics_port is not None:
+            router = [f"{self.config.host}:{self.router.metrics_port}"]
+        elif self.router is not None and self.router.http is not None:  # /metrics there too
+            router = [f"{self.config.host}:{self.router.http_port}"]
+        return router + list(self.worker_metrics)
 
     def _maybe_start_redis(self) -> str | None:
         if not self.config.start_redis or shutil.which("redis-server") is None:

@@ -56,22 +56,36 @@ class RouterMetrics:
         self.prefix_hits = Counter("pdserve:prefix_cache_hits_total",
                                    "Prompt tokens served from a worker's prefix cache",
                                    registry=r)
+        self.slo_met = Counter("pdserve:request_slo_met_total",
+                               "Finished requests that met their TTFT and TPOT SLO (no SLO "
+                               "counts as met): rate() of it is goodput", registry=r)
         self.waiting = Gauge("pdserve:num_requests_waiting",
                              "Requests waiting for a prefill slot", registry=r)
         self.running = Gauge("pdserve:num_requests_running",
                              "Requests admitted and not finished", registry=r)
         self.workers = Gauge("pdserve:workers", "Live workers by pool", ["pool"], registry=r)
+        # Series exist from the start (at 0), so rates and alerts work before the first event.
+        for reason in ("invalid_argument", "resource_exhausted", "unavailable"):
+            self.rejected.labels(reason)
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(reason)
 
-    def observe_final(self, final, transport: str) -> None:
-        """Record one finished request from its final message (FinalInfo)."""
+    def observe_final(self, final, transport: str, ttft_slo_s: float | None = None,
+                      tpot_slo_s: float | None = None) -> None:
+        """Record one finished request from its final message (FinalInfo) and its SLO."""
         t = final.timing
         self.ttft.observe(t.ttft_ms / 1e3)
         self.e2e.observe(t.e2e_ms / 1e3)
         self.queue.observe(t.queued_ms / 1e3)
         self.prefill.observe(t.prefill_ms / 1e3)
         self.decode.observe(t.decode_ms / 1e3)
+        tpot = None
         if final.completion_tokens > 1:
-            self.tpot.observe((t.e2e_ms - t.ttft_ms) / 1e3 / (final.completion_tokens - 1))
+            tpot = (t.e2e_ms - t.ttft_ms) / 1e3 / (final.completion_tokens - 1)
+            self.tpot.observe(tpot)
+        if ((ttft_slo_s is None or t.ttft_ms / 1e3 <= ttft_slo_s)
+                and (tpot_slo_s is None or tpot is None or tpot <= tpot_slo_s)):
+            self.slo_met.inc()
         if transport != "none":
             self.transfer.labels(transport).observe(t.transfer_ms / 1e3)
             self.transfers.labels(transport).inc()
@@ -81,3 +95,52 @@ class RouterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerMetrics:
+    """One pool worker's metrics, labelled by pool and worker, served by the worker itself
+    (`serve()` on a free port; the launcher lists every target)."""
+
+    def __init__(self, pool: str, worker_id: str) -> None:
+        r = self.registry = CollectorRegistry()
+        labels = ["pool", "worker"]
+        self._labels = (pool, worker_id)
+        self.running = Gauge("pdserve:num_requests_running", "Requests in the running batch",
+                             labels, registry=r).labels(*self._labels)
+        self.slo_met = Counter("pdserve:request_slo_met_total",
+                               "Finished requests that met their TTFT and TPOT SLO (no SLO "
+                               "counts as met): rate() of it is goodput", registry=r)
+        self.waiting = Gauge("pdserve:num_requests_waiting", "Requests waiting in the engine",
+                             labels, registry=r).labels(*self._labels)
+        self.kv_usage = Gauge("pdserve:kv_cache_usage_perc",
+                              "Fraction of KV blocks in use (0-1)", labels,
+                              registry=r).labels(*self._labels)
+        self.step = Histogram("pdserve:engine_step_seconds", "One engine step (forward pass)",
+                              labels, buckets=FAST, registry=r).labels(*self._labels)
+        self.prompt_tokens = Counter("pdserve:prompt_tokens_total",
+                                     "Prompt tokens of requests whose first token was sampled "
+                                     "here", labels, registry=r).labels(*self._labels)
+        self.generation_tokens = Counter("pdserve:generation_tokens_total",
+                                         "Tokens sampled here", labels,
+                                         registry=r).labels(*self._labels)
+        self._transfer_bytes = Counter("pdserve:kv_transfer_bytes_total",
+                                       "KV bytes sent (prefill) or received (decode)",
+                                       labels + ["transport"], registry=r)
+        self._server = None
+        self.port = 0
+
+    def transfer_bytes(self, transport: str, n: int) -> None:
+        self._transfer_bytes.labels(*self._labels, transport).inc(n)
+
+    def serve(self, host: str) -> str:
+        """Start the /metrics HTTP server on a free port of host; returns host:port."""
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(0, host, registry=self.registry)
+        self.port = self._server.server_port
+        return f"{host}:{self.port}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -95,6 +95,8 @@ class _Run:
     retries: int = 0
     transport: str = "none"
     done: bool = False
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
 
 
 class Router:
@@ -143,6 +145,7 @@ class Router:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._count_workers()
         self._tasks.append(asyncio.create_task(self._watch_workers()))
         if http_port is not None:
             from router.openai_http import OpenAIServer
@@ -229,7 +232,8 @@ class Router:
         except Rejected as e:
             self.metrics.rejected.labels("resource_exhausted").inc()
             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        run = _Run(req.request_id, arrival, len(token_ids))
+        run = _Run(req.request_id, arrival, len(token_ids), ttft_slo_s=req.ttft_slo_s,
+                   tpot_slo_s=req.tpot_slo_s)
         self.metrics.running.inc()
         try:
             async for response in self.serve(req, token_ids, info, hits, run):
@@ -374,7 +378,8 @@ class Router:
             timing=run.timing, prefill_worker=run.prefill_id or "",
             decode_worker=run.decode_id or "", kv_transport=run.transport,
             retries=run.retries, token_ids=token_ids, text=text)
-        self.metrics.observe_final(response.final, run.transport)
+        self.metrics.observe_final(response.final, run.transport, run.ttft_slo_s,
+                                   run.tpot_slo_s)
         return response
 
     async def _reserve_decode(self, info: RequestInfo, token_ids: list[int],
@@ -461,6 +466,12 @@ class Router:
         else:
             self.slo.remove_decode_worker(wid)
 
+    def _count_workers(self) -> None:
+        self.metrics.workers.labels("colocated" if self.colocated else "prefill").set(
+            len(self.prefill))
+        if not self.colocated:
+            self.metrics.workers.labels("decode").set(len(self.decode))
+
     async def _watch_workers(self) -> None:
         """Decode load for placement, and (in-process index) prefill block events."""
         import ray
@@ -468,10 +479,7 @@ class Router:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             self.metrics.waiting.set(self.slo.queue_length)
-            self.metrics.workers.labels("colocated" if self.colocated else "prefill").set(
-                len(self.prefill))
-            if not self.colocated:
-                self.metrics.workers.labels("decode").set(len(self.decode))
+            self._count_workers()
             for wid, actor in list(self.decode.items()):
                 try:
                     s = await actor.stats.remote()

@@ -219,6 +219,36 @@ def test_openai_client_completions_and_chat(cluster22, model_dir):
         client.completions.create(model="other-model", prompt="hi", max_tokens=3)
 
 
+def test_every_metric_the_dashboard_and_rules_use_is_scraped(cluster22):
+    import json
+    import re
+    import urllib.request
+    from pathlib import Path
+
+    import yaml
+
+    with GenerateClient(cluster22.address) as client:  # so labelled series exist
+        client.generate(build_generate_request(token_ids=[4, 5, 6, 7], sampling=GREEDY))
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    rules = yaml.safe_load((deploy / "prometheus" / "pdserve-rules.yaml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    dashboard = json.loads((deploy / "grafana" / "pdserve.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"pdserve:[A-Za-z0-9_:]+", e)} - recorded
+    assert len(used) >= 15
+
+    targets = cluster22.scrape_targets
+    assert len(targets) == 1 + 4  # the router and each of the four workers
+    scraped = set()
+    for target in targets:
+        text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
+        scraped |= {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                    if line.startswith("pdserve:")}
+    missing = sorted(m for m in used if m not in scraped)
+    assert not missing, f"dashboard/rules query metrics nobody exports: {missing}"
+
+
 def test_reflection_lists_the_services(cluster22):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
