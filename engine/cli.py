@@ -83,6 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
                            pool_resources=args.pool_resources,
+                           drain_grace_s=args.drain_grace_s,
                            router=RouterConfig(max_queue=args.max_queue))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,7 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                                                         temperature=0.0))
         print("pdserve: serving; Ctrl-C stops the cluster", file=sys.stderr)
         stop.wait()
-        print("pdserve: shutting down", file=sys.stderr)
+        print(f"pdserve: draining (up to {args.drain_grace_s:g} s), then shutting down",
+              file=sys.stderr)
     return 0
 
 
@@ -173,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pool-resources", action="store_true",
                     help="place pools on Ray nodes advertising the custom resources "
                          "pdserve_prefill / pdserve_decode / pdserve_colocated (KubeRay)")
+    up.add_argument("--drain-grace-s", type=float, default=30.0,
+                    help="on SIGTERM/Ctrl-C: stop accepting, let in-flight requests finish "
+                         "this long, then exit (rolling updates lose nothing)")
     up.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED")
     up.add_argument("--prompt", default=None,

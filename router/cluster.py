@@ -58,6 +58,7 @@ class ClusterConfig:
     ttl_s: float = 5.0
     router: RouterConfig = field(default_factory=RouterConfig)
     start_timeout_s: float = 600.0
+    drain_grace_s: float = 0.0  # stop(): let in-flight requests finish this long first
     fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
 
     def __post_init__(self) -> None:
@@ -206,7 +207,9 @@ class LocalCluster:
 
         if self.router is not None and self._loop is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self.router.stop(), self._loop).result(10)
+                grace = self.config.drain_grace_s
+                asyncio.run_coroutine_threadsafe(self.router.stop(grace),
+                                                 self._loop).result(grace + 15)
             except Exception:
                 log.warning("router did not stop cleanly", exc_info=True)
             self.router = None

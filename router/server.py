@@ -122,6 +122,8 @@ class Router:
         self.metrics = RouterMetrics()
         self._metrics_server = None
         self.http = None
+        self.draining = False
+        self._in_flight = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -162,12 +164,27 @@ class Router:
                  bound, len(self.prefill), len(self.decode), type(self.index).__name__)
         return bound
 
-    async def stop(self, grace_s: float = 2.0) -> None:
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking requests (health NOT_SERVING, new ones get UNAVAILABLE) and wait up to
+        grace_s for those in flight to finish. Returns how many were still running."""
+        self.draining = True
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._in_flight:
+            log.warning("drain: %d requests still running after %.1f s", self._in_flight,
+                        grace_s)
+        return self._in_flight
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Drain for grace_s (0: cancel what is running), then stop serving."""
+        await self.drain(grace_s)
         for task in self._tasks:
             task.cancel()
         if self.server is not None:
-            await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace_s)
+            await self.server.stop(0.5)
         if self.http is not None:
             await self.http.stop()
         if self._metrics_server is not None:
@@ -217,6 +234,10 @@ class Router:
         RouterError. Cancelling the consumer (client gone, deadline) aborts the request on
         its workers, which frees its blocks."""
         arrival = time.monotonic()
+        if self.draining:
+            self.metrics.rejected.labels("unavailable").inc()
+            raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                              "this router is draining for shutdown; retry on another")
         try:
             req = parse_generate_request(request, served_model=self.model.name,
                                          new_request_id=self.new_request_id)
@@ -235,6 +256,7 @@ class Router:
         run = _Run(req.request_id, arrival, len(token_ids), ttft_slo_s=req.ttft_slo_s,
                    tpot_slo_s=req.tpot_slo_s)
         self.metrics.running.inc()
+        self._in_flight += 1
         try:
             async for response in self.serve(req, token_ids, info, hits, run):
                 yield response
@@ -249,6 +271,7 @@ class Router:
             raise
         finally:
             self.metrics.running.dec()
+            self._in_flight -= 1
             if not run.done:
                 self.abort_everywhere(run)
 

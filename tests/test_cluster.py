@@ -442,3 +442,25 @@ def test_redis_stopped_and_restarted_cluster_keeps_serving(model_dir, ray_sessio
     finally:
         cluster.stop()
         stop_redis_server(proc)
+
+
+def test_drain_finishes_in_flight_requests_and_refuses_new_ones(model_dir, ray_session):
+    cluster = make_cluster(model_dir, 1, 1, start_redis=False, drain_grace_s=60)
+    cluster.start()
+    router = cluster.router
+    long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    with GenerateClient(cluster.address) as client, ThreadPoolExecutor(2) as pool:
+        call = client.stream(build_generate_request(token_ids=list(range(5, 30)), sampling=long))
+        first = next(call)  # admitted and streaming
+        stopper = pool.submit(cluster.stop)
+        deadline = time.monotonic() + 10
+        while not router.draining:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(build_generate_request(token_ids=[5, 6, 7], sampling=GREEDY))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(call)
+        assert rest[-1].final.finish_reason == "length"
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
+        stopper.result(120)
