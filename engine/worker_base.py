@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -66,19 +67,21 @@ class WorkerBase:
                 "num_blocks": self.engine.block_manager.num_blocks,
                 "block_size": self.engine.config.block_size,
                 "max_model_len": self.engine.max_model_len, "metrics": self.metrics_address,
+                "pid": os.getpid(),
                 **self._ready_extra()}
 
     def _ready_extra(self) -> dict[str, Any]:
         return {}
 
     async def stats(self) -> dict[str, Any]:
-        def read(e: LLMEngine) -> dict[str, Any]:
-            return {"worker_id": self.worker_id, **self._load(),
-                    "num_blocks": e.block_manager.num_blocks,
-                    "num_waiting": len(e.scheduler.waiting), "num_held": len(e.requests),
-                    "step_s": self.loop.stats.ewma_step_s, "batch": self.loop.stats.last_batch,
-                    "steps": self.loop.stats.steps}
-        return await self.call(read)
+        """The router's heartbeat: answered without waiting for the engine thread (a long
+        step must not look like a dead worker), from plain reads of its counters."""
+        e = self.engine
+        return {"worker_id": self.worker_id, **self._load(),
+                "num_blocks": e.block_manager.num_blocks,
+                "num_waiting": len(e.scheduler.waiting), "num_held": len(e.requests),
+                "step_s": self.loop.stats.ewma_step_s, "batch": self.loop.stats.last_batch,
+                "steps": self.loop.stats.steps}
 
     async def check_integrity(self) -> dict[str, Any]:
         """Block-accounting check plus what is still held (tests assert nothing leaks)."""

@@ -39,7 +39,6 @@ class _Job:
     request_id: str
     dst_address: str
     dst_block_ids: list[int]
-    first_token: int | None  # a retry re-ships KV under the token the client already has
     future: Future = field(default_factory=Future)
     received: float = field(default_factory=time.monotonic)
     started: float | None = None  # first scheduled
@@ -69,12 +68,12 @@ class PrefillWorker(WorkerBase):
         return {"transport": self.transport}
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
-                      sampling: dict[str, Any], dst_address: str, dst_block_ids: list[int],
-                      first_token: int | None = None) -> dict[str, Any]:
+                      sampling: dict[str, Any], dst_address: str, dst_block_ids: list[int]
+                      ) -> dict[str, Any]:
         """Compute the prompt's KV into the decode worker's reserved blocks; return the first
         token. Never raises for a request-level failure: the dict's `error` says what failed
         (`transfer_failed` true when a retry on another decode worker may succeed)."""
-        job = _Job(request_id, dst_address, list(dst_block_ids), first_token)
+        job = _Job(request_id, dst_address, list(dst_block_ids))
 
         def start(engine: LLMEngine) -> None:
             engine.add_request(prompt_token_ids, SamplingParams(**sampling), request_id)
@@ -172,7 +171,7 @@ class PrefillWorker(WorkerBase):
 
     def _complete(self, job: _Job, out: RequestOutput) -> None:
         handoff = self.engine.kv_handoff(job.request_id)
-        first = job.first_token if job.first_token is not None else out.new_token_ids[0]
+        first = out.new_token_ids[0]
         transfer_s = 0.0
         if job.error is None and job.session is None:
             job.error = "the KV transfer was never opened"

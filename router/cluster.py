@@ -59,6 +59,7 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     start_timeout_s: float = 600.0
     drain_grace_s: float = 0.0  # stop(): let in-flight requests finish this long first
+    worker_max_restarts: int = 3  # Ray restarts a crashed worker this often (-1: always)
     fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
 
     def __post_init__(self) -> None:
@@ -185,7 +186,7 @@ class LocalCluster:
 
         def start(cls: type, pool: str, n: int) -> dict[str, Any]:
             options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
-                       "max_restarts": 0, "max_concurrency": 1000}
+                       "max_restarts": cfg.worker_max_restarts, "max_concurrency": 1000}
             if cfg.pool_resources:
                 options["resources"] = {f"pdserve_{pool}": 1}
             return {f"{pool}-{i}": ray.remote(cls).options(**options).remote(WorkerSpec(

@@ -60,6 +60,10 @@ class RequestFailed(RuntimeError):
     died, or the KV transfer failed twice. Maps to UNAVAILABLE."""
 
 
+class WorkerDied(RequestFailed):
+    """The worker serving a request died under it (a candidate for migration)."""
+
+
 @dataclass
 class RouterConfig:
     slots_per_prefill_worker: int = 4  # prompts in flight per prefill worker (it batches them)
@@ -68,6 +72,8 @@ class RouterConfig:
     kv_timeout_s: float = 30.0  # decode reservation lifetime without its KV
     stats_interval_s: float = 0.25  # worker stats / in-process index feed period
     index_ttl_s: float = 5.0  # in-process index: worker registration lifetime
+    heartbeat_timeout_s: float = 10.0  # a worker's stats call slower than this is logged
+    restart_wait_s: float = 600.0  # how long a dead worker may take to be restarted by Ray
 
 
 @dataclass
@@ -283,59 +289,90 @@ class Router:
                 yield response
             return
         sampling = dataclasses.asdict(req.sampling)
-        exclude: set[str] = set()
-        first_token: int | None = None  # once set, the client has it
-        for attempt in range(2):
-            run.worker_rid = run.request_id if attempt == 0 else f"{run.request_id}#retry"
-            placement = await self.slo.acquire(info, hits)
+        exclude: set[str] = set()  # decode workers that failed this request
+        generated: list[int] = []  # tokens the client already has
+        retries = {"transfer": 0, "migration": 0}
+        while True:
+            # A retry or migration continues the request: the prompt plus what was streamed
+            # is prefilled again on a healthy pair and decoding picks up after it.
+            prompt = token_ids + generated
+            seg = {**sampling, "max_tokens": sampling["max_tokens"] - len(generated)}
+            seg_info = dataclasses.replace(info, num_prompt_tokens=len(prompt))
+            n = sum(retries.values())
+            run.worker_rid = run.request_id if n == 0 else f"{run.request_id}#{n}"
+            placement = await self.slo.acquire(seg_info, hits)
             run.prefill_id = placement.worker_id
             result: dict[str, Any] = {}
             try:
-                run.decode_id, resv = await self._reserve_decode(info, token_ids, sampling,
+                run.decode_id, resv = await self._reserve_decode(seg_info, prompt, seg,
                                                                  run.worker_rid, exclude)
                 sent = time.monotonic()
-                result = await self._prefill(placement, run.worker_rid, token_ids, sampling,
-                                             resv, first_token)
+                result = await self._prefill(placement, run.worker_rid, prompt, seg, resv)
             finally:
                 ok = not result.get("error")
-                self.slo.release(placement, info,
+                self.slo.release(placement, seg_info,
                                  prefill_s=result.get("prefill_s") if ok else None,
                                  transfer_s=result.get("transfer_s") if ok else None)
             if result.get("finish_reason") == "abort" and not result.get("error"):
                 result["error"] = "the prefill worker aborted the request"
             if result.get("error"):
                 self._abort_decode(run)
-                if result.get("transfer_failed") and attempt == 0:
+                if result.get("transfer_failed") and self._may_retry(req, run, retries,
+                                                                     "transfer"):
                     log.warning("request %s: %s; retrying once on another decode worker",
                                 run.request_id, result["error"])
                     exclude.add(run.decode_id)
-                    run.retries += 1
-                    self.metrics.retries.inc()
                     continue
                 raise RequestFailed(f"prefill on {placement.worker_id}: {result['error']}")
             run.transport = result["transport"]
-            run.cached_tokens = result["num_cached_tokens"]
+            if not generated:
+                run.cached_tokens = result["num_cached_tokens"]
+                run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
             run.timing.queued_ms += 1e3 * (sent - run.arrival + result["queued_s"])
             run.timing.prefill_ms += 1e3 * result["prefill_s"]
             run.timing.transfer_ms += 1e3 * result["transfer_s"]
-            if first_token is None:
-                first_token = result["token_ids"][0]
-                run.completion_tokens = 1
-                run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
-                yield delta_response(run.request_id, result["token_ids"], result["text"])
+            generated += result["token_ids"]
+            run.completion_tokens += len(result["token_ids"])
             if result["finished"]:  # the first token ended it: free the decode reservation
                 self._abort_decode(run)
-                yield self._final(run, result["finish_reason"])
+                yield self._final(run, result["finish_reason"], result["token_ids"],
+                                  result["text"])
                 return
-            async for item in self._decode_stream(run):
-                if item.get("error"):
-                    raise RequestFailed(f"decode on {run.decode_id}: {item['error']}")
-                response, last = self._relay(run, item)
-                if response is not None:
-                    yield response
-                if last:
-                    return
+            yield delta_response(run.request_id, result["token_ids"], result["text"])
+            try:
+                async for item in self._decode_stream(run):
+                    if item.get("error"):
+                        raise RequestFailed(f"decode on {run.decode_id}: {item['error']}")
+                    generated += item["token_ids"]
+                    response, last = self._relay(run, item)
+                    if response is not None:
+                        yield response
+                    if last:
+                        return
+            except WorkerDied as e:
+                if not self._may_retry(req, run, retries, "migration"):
+                    raise RequestFailed(str(e)) from None
+                log.warning("request %s: %s; migrating it (%d tokens streamed) to a healthy "
+                            "pair", run.request_id, e, len(generated))
+                exclude.add(run.decode_id)
+                continue
             raise RequestFailed(f"decode stream from {run.decode_id} ended without a finish")
+
+    def _may_retry(self, req: ParsedRequest, run: _Run, retries: dict[str, int],
+                   kind: str) -> bool:
+        """Once per kind. A migration re-prefills streamed tokens as prompt, which keeps the
+        output the same only when sampling does not depend on the earlier draws: no seed and
+        no presence/frequency penalties (those count output tokens only)."""
+        sp = req.sampling
+        if retries[kind] >= 1:
+            return False
+        if kind == "migration" and (sp.seed is not None or sp.presence_penalty
+                                    or sp.frequency_penalty):
+            return False
+        retries[kind] += 1
+        run.retries += 1
+        self.metrics.retries.inc()
+        return True
 
     async def _serve_colocated(self, req: ParsedRequest, token_ids: list[int],
                                info: RequestInfo, hits: dict[str, int], run: _Run
@@ -437,14 +474,14 @@ class Router:
             await asyncio.sleep(0.02)
 
     async def _prefill(self, placement: PrefillPlacement, worker_rid: str,
-                       token_ids: list[int], sampling: dict[str, Any], resv: dict[str, Any],
-                       first_token: int | None) -> dict[str, Any]:
+                       token_ids: list[int], sampling: dict[str, Any], resv: dict[str, Any]
+                       ) -> dict[str, Any]:
         import ray
 
         actor = self.prefill[placement.worker_id]
         try:
             return await actor.prefill.remote(worker_rid, token_ids, sampling, resv["address"],
-                                              resv["block_ids"], first_token)
+                                              resv["block_ids"])
         except ray.exceptions.RayActorError as e:
             self._worker_died("prefill", placement.worker_id, e)
             return {"error": f"prefill worker {placement.worker_id} died", "transfer_failed": True}
@@ -462,7 +499,7 @@ class Router:
                 yield await ref
         except ray.exceptions.RayActorError as e:
             self._worker_died("decode", run.decode_id, e)
-            raise RequestFailed(f"decode worker {run.decode_id} died mid-stream") from None
+            raise WorkerDied(f"decode worker {run.decode_id} died mid-stream") from None
 
     def _abort_decode(self, run: _Run) -> None:
         if run.decode_id in self.decode:
@@ -478,8 +515,10 @@ class Router:
     # ---- workers -----------------------------------------------------------------------------
 
     def _worker_died(self, role: str, wid: str, error: BaseException) -> None:
+        """Route around a dead worker at once; take it back if Ray restarts it."""
         pool = self.prefill if role == "prefill" else self.decode
-        if pool.pop(wid, None) is None:
+        actor = pool.pop(wid, None)
+        if actor is None:
             return
         log.error("%s worker %s is gone (%s); routing around it", role, wid,
                   type(error).__name__)
@@ -488,6 +527,41 @@ class Router:
             self.index.unregister_worker(wid)
         else:
             self.slo.remove_decode_worker(wid)
+        self._count_workers()
+        self._tasks.append(asyncio.create_task(self._await_restart(role, wid, actor)))
+
+    async def _await_restart(self, role: str, wid: str, actor: Any) -> None:
+        """A restarted actor (max_restarts) answers `ready` again with a fresh engine."""
+        import ray
+
+        deadline = time.monotonic() + self.config.restart_wait_s
+        while True:
+            try:
+                info = await asyncio.wait_for(actor.ready.remote(),
+                                              max(0.1, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                error = "still unavailable"
+            except ray.exceptions.RayActorError as e:  # dead for good (no restarts left)
+                error = type(e).__name__
+            except asyncio.TimeoutError:
+                error = "timed out"
+            log.error("%s worker %s did not come back (%s)", role, wid, error)
+            return
+        if role == "prefill":
+            self.prefill[wid] = actor
+            self.slo.add_prefill_worker(wid)
+            if self.index_in_process:
+                self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
+        else:
+            self.decode[wid] = actor
+            self.slo.add_decode_worker(wid)
+        self._count_workers()
+        log.warning("%s worker %s restarted (pid %s) and is back in the pool", role, wid,
+                    info.get("pid"))
 
     def _count_workers(self) -> None:
         self.metrics.workers.labels("colocated" if self.colocated else "prefill").set(
@@ -495,33 +569,44 @@ class Router:
         if not self.colocated:
             self.metrics.workers.labels("decode").set(len(self.decode))
 
-    async def _watch_workers(self) -> None:
-        """Decode load for placement, and (in-process index) prefill block events."""
+    async def _poll(self, role: str, wid: str, actor: Any, method: str) -> Any:
+        """One heartbeat call; None when the worker is dead (and now routed around) or did
+        not answer in time (left in place: a long step can delay it)."""
         import ray
 
+        try:
+            return await asyncio.wait_for(getattr(actor, method).remote(),
+                                          self.config.heartbeat_timeout_s)
+        except ray.exceptions.RayActorError as e:
+            self._worker_died(role, wid, e)
+        except asyncio.TimeoutError:
+            log.warning("%s worker %s did not answer %s within %.0f s", role, wid, method,
+                        self.config.heartbeat_timeout_s)
+        return None
+
+    async def _watch_workers(self) -> None:
+        """Heartbeat every worker: decode load for placement, liveness of all, and (in-process
+        index) the prefill workers' block events."""
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             self.metrics.waiting.set(self.slo.queue_length)
-            self._count_workers()
-            for wid, actor in list(self.decode.items()):
-                try:
-                    s = await actor.stats.remote()
-                except ray.exceptions.RayActorError as e:
-                    self._worker_died("decode", wid, e)
-                    continue
-                self.slo.update_decode(wid, free_blocks=s["free_blocks"],
-                                       num_running=s["num_running"],
-                                       step_s=s["step_s"] if s["steps"] else None)
-            if not self.index_in_process:
-                continue
-            for wid, actor in list(self.prefill.items()):
-                try:
-                    events = await actor.take_index_events.remote()
-                except ray.exceptions.RayActorError as e:
-                    self._worker_died("prefill", wid, e)
-                    continue
-                self.index.heartbeat(wid, self.config.index_ttl_s)
-                self.index.publish(wid, events)
+            decode = list(self.decode.items())
+            stats = await asyncio.gather(*(self._poll("decode", w, a, "stats")
+                                           for w, a in decode))
+            for (wid, _), s in zip(decode, stats):
+                if s is not None:
+                    self.slo.update_decode(wid, free_blocks=s["free_blocks"],
+                                           num_running=s["num_running"],
+                                           step_s=s["step_s"] if s["steps"] else None)
+            prefill = list(self.prefill.items())
+            method = "take_index_events" if self.index_in_process else "stats"
+            replies = await asyncio.gather(*(self._poll("prefill", w, a, method)
+                                             for w, a in prefill))
+            if self.index_in_process:
+                for (wid, _), events in zip(prefill, replies):
+                    if events is not None:
+                        self.index.heartbeat(wid, self.config.index_ttl_s)
+                        self.index.publish(wid, events)
 
 
 class _Service(pdserve_pb2_grpc.PDServeServicer):

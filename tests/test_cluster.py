@@ -464,3 +464,32 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(model_dir, ray_s
         assert rest[-1].final.finish_reason == "length"
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
         stopper.result(120)
+
+
+def test_decode_worker_killed_mid_decode_migrates_and_is_restarted(model_dir, ray_session):
+    """SIGKILL the decode worker's process mid-stream: the request continues on the other
+    pair without repeating or losing a token, and Ray restarts the worker, which the router
+    takes back into the pool."""
+    long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    prompt = list(range(11, 41))
+    expected = colocated(model_dir, [prompt], long)[0]
+    with make_cluster(model_dir, 2, 2, start_redis=False) as cluster:
+        with GenerateClient(cluster.address) as client:
+            call = client.stream(build_generate_request(token_ids=prompt, sampling=long))
+            tokens = list(next(call).token_ids)
+            victim = next(wid for wid, a in cluster.decode.items()
+                          if ray.get(a.check_integrity.remote())["requests"])
+            pid = ray.get(cluster.decode[victim].ready.remote())["pid"]
+            os.kill(pid, 9)
+            rest = list(call)
+        tokens += [t for r in rest for t in r.token_ids]
+        final = rest[-1].final
+        assert tokens == expected
+        assert final.retries == 1 and final.decode_worker != victim
+        assert final.completion_tokens == 120
+        deadline = time.monotonic() + 120
+        while victim not in cluster.router.decode:  # restarted by Ray, re-admitted
+            assert time.monotonic() < deadline, "the killed worker never came back"
+            time.sleep(0.2)
+        assert ray.get(cluster.decode[victim].ready.remote())["pid"] != pid
+        wait_idle(cluster)
