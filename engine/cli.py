@@ -40,7 +40,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         return run_generate(args.address, prompt=args.prompt, chat=args.chat,
                             sampling=_sampling(args), ttft_ms=args.ttft_ms,
-                            tpot_ms=args.tpot_ms, priority=args.priority)
+                            tpot_ms=args.tpot_ms, priority=args.priority,
+                            tls_ca_file=args.tls_ca)
     from engine.engine import LLMEngine
 
     engine = LLMEngine(_engine_config(args))
@@ -84,7 +85,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
                            pool_resources=args.pool_resources,
                            drain_grace_s=args.drain_grace_s,
-                           router=RouterConfig(max_queue=args.max_queue))
+                           router=RouterConfig(max_queue=args.max_queue,
+                                               api_keys_file=args.api_keys,
+                                               tls_cert_file=args.tls_cert,
+                                               tls_key_file=args.tls_key,
+                                               tls_client_ca_file=args.tls_client_ca))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -111,6 +116,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop.wait()
         print(f"pdserve: draining (up to {args.drain_grace_s:g} s), then shutting down",
               file=sys.stderr)
+    return 0
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from router.auth import new_key_line
+
+    key, line = new_key_line(args.name, args.rate)
+    print(f"key (give to the client, e.g. PDSERVE_API_KEY):  {key}")
+    print(f"line for the --api-keys file:                      {line}")
     return 0
 
 
@@ -143,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ttft-ms", type=float, default=0.0, help="TTFT SLO (with --address)")
     gen.add_argument("--tpot-ms", type=float, default=0.0, help="TPOT SLO (with --address)")
     gen.add_argument("--priority", type=int, default=0, help="higher first (with --address)")
+    gen.add_argument("--tls-ca", default=None, metavar="PEM",
+                     help="with --address: use TLS, trusting this CA (API key: $PDSERVE_API_KEY)")
     gen.set_defaults(func=cmd_generate)
 
     up = sub.add_parser("up", help="start a local cluster: Ray, prefill/decode pools, router")
@@ -178,12 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--drain-grace-s", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C: stop accepting, let in-flight requests finish "
                          "this long, then exit (rolling updates lose nothing)")
+    up.add_argument("--api-keys", default=os.environ.get("PDSERVE_API_KEYS_FILE"),
+                    metavar="FILE", help="require API keys listed (hashed) in FILE; see "
+                                         "`pdserve api-key` (default: $PDSERVE_API_KEYS_FILE)")
+    up.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS for gRPC and HTTP")
+    up.add_argument("--tls-key", default=None, metavar="PEM")
+    up.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                    help="require client certificates signed by this CA (mutual TLS)")
     up.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED")
     up.add_argument("--prompt", default=None,
                     help="send this chat prompt through the cluster, stream the reply, exit")
     up.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
     up.set_defaults(func=cmd_up)
+
+    key = sub.add_parser("api-key", help="make an API key: prints the key, and the line to "
+                                         "add to the --api-keys file (it holds only a hash)")
+    key.add_argument("name")
+    key.add_argument("--rate", type=float, default=None, help="requests/s allowed for it")
+    key.set_defaults(func=cmd_api_key)
 
     imp = sub.add_parser("import-model", help="fetch/import a model into the cache, print path")
     imp.add_argument("--model", default=None)

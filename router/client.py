@@ -5,9 +5,11 @@ Requests are built with `router.api.build_generate_request`; this module only mo
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import grpc
@@ -36,12 +38,26 @@ class GenerateResult:
 
 
 class GenerateClient:
-    """One channel to a router. `timeout_s` is the default deadline per call (None: none)."""
+    """One channel to a router. `timeout_s` is the default deadline per call (None: none).
+    `api_key` (default $PDSERVE_API_KEY) goes out as `authorization: Bearer`; `tls_ca_file`
+    switches to TLS against that CA, with `tls_cert_file`/`tls_key_file` for mutual TLS."""
 
-    def __init__(self, address: str, timeout_s: float | None = None):
+    def __init__(self, address: str, timeout_s: float | None = None, *,
+                 api_key: str | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        api_key = api_key if api_key is not None else os.environ.get("PDSERVE_API_KEY")
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        if tls_ca_file:
+            def read(path: str | None) -> bytes | None:
+                return Path(path).read_bytes() if path else None
+
+            creds = grpc.ssl_channel_credentials(read(tls_ca_file), read(tls_key_file),
+                                                 read(tls_cert_file))
+            self._channel = grpc.secure_channel(address, creds)
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._stub = pdserve_pb2_grpc.PDServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -49,7 +65,8 @@ class GenerateClient:
                timeout_s: float | None = None) -> Iterator[pdserve_pb2.GenerateResponse]:
         """The raw call: iterate it for the messages, `.cancel()` it to abort the request.
         Iterating raises grpc.RpcError on a failed call."""
-        return self._stub.Generate(request, timeout=self._timeout(timeout_s))
+        return self._stub.Generate(request, timeout=self._timeout(timeout_s),
+                                   metadata=self._metadata)
 
     def generate(self, request: pdserve_pb2.GenerateRequest,
                  timeout_s: float | None = None) -> GenerateResult:
@@ -108,7 +125,8 @@ def _error_message(address: str, e: grpc.RpcError) -> str:
 
 def run_generate(address: str, *, prompt: str, chat: bool, sampling: SamplingParams,
                  ttft_ms: float = 0.0, tpot_ms: float = 0.0, priority: int = 0,
-                 out: TextIO | None = None, err: TextIO | None = None) -> int:
+                 out: TextIO | None = None, err: TextIO | None = None,
+                 tls_ca_file: str | None = None) -> int:
     """Stream one reply to `out`, then a summary line to `err` (default: the current
     sys.stdout / sys.stderr); returns the exit code."""
     out = out or sys.stdout
@@ -118,7 +136,7 @@ def run_generate(address: str, *, prompt: str, chat: bool, sampling: SamplingPar
         text=None if chat else prompt,
         sampling=sampling, ttft_ms=ttft_ms, tpot_ms=tpot_ms, priority=priority)
     final, wrote = None, False
-    with GenerateClient(address) as client:
+    with GenerateClient(address, tls_ca_file=tls_ca_file) as client:
         call = client.stream(request)
         try:
             for msg in call:

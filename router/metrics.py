@@ -65,7 +65,8 @@ class RouterMetrics:
                              "Requests admitted and not finished", registry=r)
         self.workers = Gauge("pdserve:workers", "Live workers by pool", ["pool"], registry=r)
         # Series exist from the start (at 0), so rates and alerts work before the first event.
-        for reason in ("invalid_argument", "resource_exhausted", "unavailable"):
+        for reason in ("invalid_argument", "resource_exhausted", "unavailable",
+                       "unauthenticated", "rate_limited"):
             self.rejected.labels(reason)
         for reason in ("stop", "length", "abort"):
             self.success.labels(reason)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
 }
@@ -70,7 +71,8 @@ class OpenAIServer:
         self.port = 0
         self._ids = 0
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, tls: tuple | None = None) -> int:
+        """`tls`: (cert PEM path, key PEM path, client CA PEM path or None)."""
         app = web.Application(client_max_size=8 * 2**20)
         app.add_routes([
             web.post("/v1/completions", self.completions),
@@ -81,7 +83,17 @@ class OpenAIServer:
         ])
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        ssl_context = None
+        if tls is not None:
+            import ssl
+
+            cert, key, ca = tls
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cert, key)
+            if ca:
+                ssl_context.load_verify_locations(ca)
+                ssl_context.verify_mode = ssl.CERT_REQUIRED
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self.port
@@ -93,6 +105,12 @@ class OpenAIServer:
     # ---- simple routes -----------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
+        from router.server import RouterError
+
+        try:
+            self.router.authorize(request.headers.get("Authorization"))
+        except RouterError as e:
+            return _router_error(e)
         name = self.router.model.name
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
@@ -116,6 +134,12 @@ class OpenAIServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        from router.server import RouterError
+
+        try:
+            self.router.authorize(request.headers.get("Authorization"))
+        except RouterError as e:
+            return _router_error(e)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

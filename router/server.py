@@ -73,6 +73,10 @@ class RouterConfig:
     stats_interval_s: float = 0.25  # worker stats / in-process index feed period
     index_ttl_s: float = 5.0  # in-process index: worker registration lifetime
     heartbeat_timeout_s: float = 10.0  # a worker's stats call slower than this is logged
+    api_keys_file: str | None = None  # router/auth.py; None = no authentication
+    tls_cert_file: str | None = None  # PEM; with tls_key_file: TLS on gRPC and HTTP
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # PEM CA: require client certificates (mTLS)
     restart_wait_s: float = 600.0  # how long a dead worker may take to be restarted by Ray
 
 
@@ -128,6 +132,11 @@ class Router:
         self.metrics = RouterMetrics()
         self._metrics_server = None
         self.http = None
+        self.api_keys = None
+        if self.config.api_keys_file:
+            from router.auth import ApiKeys
+
+            self.api_keys = ApiKeys.from_file(self.config.api_keys_file)
         self.draining = False
         self._in_flight = 0
 
@@ -147,7 +156,14 @@ class Router:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+        tls = self._tls_files()
+        if tls is None:
+            bound = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            cert, key, ca = tls
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                 require_client_auth=ca is not None)
+            bound = self.server.add_secure_port(f"{host}:{port}", creds)
         if bound == 0:
             raise OSError(f"could not bind the router to {host}:{port}")
         await self.server.start()
@@ -159,7 +175,10 @@ class Router:
             from router.openai_http import OpenAIServer
 
             self.http = OpenAIServer(self)
-            self.http_port = await self.http.start(host, http_port)
+            c = self.config
+            self.http_port = await self.http.start(
+                host, http_port, None if tls is None else
+                (c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
         if metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -198,6 +217,35 @@ class Router:
             self._metrics_server.server_close()
 
     # ---- one request -------------------------------------------------------------------------
+
+    def _tls_files(self) -> tuple[bytes, bytes, bytes | None] | None:
+        c = self.config
+        if not c.tls_cert_file and not c.tls_key_file:
+            if c.tls_client_ca_file:
+                raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+            return None
+        if not (c.tls_cert_file and c.tls_key_file):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        from pathlib import Path
+
+        ca = Path(c.tls_client_ca_file).read_bytes() if c.tls_client_ca_file else None
+        return Path(c.tls_cert_file).read_bytes(), Path(c.tls_key_file).read_bytes(), ca
+
+    def authorize(self, authorization: str | None) -> str | None:
+        """The caller's key name (None without key checking), or RouterError:
+        UNAUTHENTICATED for a missing/unknown key, RESOURCE_EXHAUSTED over its rate."""
+        if self.api_keys is None:
+            return None
+        from router.auth import AuthError
+
+        try:
+            return self.api_keys.check(authorization)
+        except AuthError as e:
+            reason = "unauthenticated" if e.status == "unauthenticated" else "rate_limited"
+            self.metrics.rejected.labels(reason).inc()
+            code = (grpc.StatusCode.UNAUTHENTICATED if e.status == "unauthenticated"
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
+            raise RouterError(code, str(e)) from None
 
     def new_request_id(self) -> str:
         return f"r{next(self._ids)}-{time.time_ns() % 10**9:09d}"
@@ -617,6 +665,7 @@ class _Service(pdserve_pb2_grpc.PDServeServicer):
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
         try:
+            self.router.authorize(dict(context.invocation_metadata()).get("authorization"))
             async for response in self.router.generate(request):
                 yield response
         except RouterError as e:
