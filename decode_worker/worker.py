@@ -31,7 +31,8 @@ class DecodeWorker(WorkerBase):
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
-        self.receiver = make_receiver(spec.transport, self.pool, host=node_host())
+        self.receiver = make_receiver(spec.transport, self.pool, host=node_host(),
+                                      secret=spec.cluster_secret)
         self.transport = type(self.receiver).__name__.removesuffix("Receiver").lower()
         log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.receiver.address,
                  self.transport, self.pool.num_blocks)

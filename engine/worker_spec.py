@@ -28,6 +28,9 @@ class WorkerSpec:
     # What the user asked for (--model; None = the default model): a worker on another host,
     # where model_path does not exist, resolves it into its own cache.
     model_source: str | None = None
+    # KV connections between workers authenticate with it (kv_transfer/auth.py): only this
+    # cluster's workers can write into or read from a pool. The launcher makes a fresh one.
+    cluster_secret: bytes | None = None
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path

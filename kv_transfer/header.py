@@ -70,6 +70,7 @@ class MsgKind(enum.IntEnum):
     ABORT = 7  # S->R: payload = UTF-8 reason; the transfer is void
     DONE = 8  # R->S: every byte landed and the owner was told
     FAILED = 9  # R->S: payload = UTF-8 reason
+    AUTH = 10  # both ways before HELLO when the cluster has a secret (kv_transfer/auth.py)
 
 
 # Stable wire codes; never renumber.

@@ -1,6 +1,7 @@
 """Plain TCP transport: framed messages on a socket, block bytes received straight into the pool.
 
 Protocol per connection (headers from kv_transfer/header.py, framing from wire.py):
+    S/R: AUTH x 3                                      (with a cluster secret: auth.py)
     S: HELLO            R: HELLO                       (once per connection)
     S: BEGIN(ids)       R: ACCEPT(slot) | REFUSE(code, why)
     S: LAYER(l) x L     (any order; payload = K runs then V runs of layer l)
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kv_transfer.auth import AuthFailed, authenticate_receiver, authenticate_sender
 from kv_transfer.header import HeaderError, KVHeader, MsgKind
 from kv_transfer.pool import KVPool, Run, runs
 from kv_transfer.transport import (
@@ -107,8 +109,9 @@ class TcpReceiver(KVReceiver):
     scheme = "tcp"
 
     def __init__(self, pool: KVPool, host: str = "127.0.0.1", port: int = 0,
-                 name: str | None = None):
+                 name: str | None = None, secret: bytes | None = None):
         self.pool = pool
+        self._secret = secret  # cluster members only (kv_transfer/auth.py)
         self._listener = socket.create_server((host, port))
         host, port = self._listener.getsockname()[:2]
         self.address = f"{self.scheme}://{host}:{port}"
@@ -187,6 +190,13 @@ class TcpReceiver(KVReceiver):
     def _serve(self, conn: Conn) -> None:
         try:
             conn.sock.settimeout(10.0)
+            if self._secret is not None:
+                try:
+                    authenticate_receiver(conn.sock, self.pool.layout, self._secret)
+                except AuthFailed as e:
+                    log.warning("%s: refused KV connection from %s: %s", self._core.name,
+                                conn.peer, e)
+                    return
             header, payload = read_message(conn.sock, _SMALL)
             if header.kind != MsgKind.HELLO:
                 raise HeaderError(f"expected HELLO, got {header.kind.name}")
@@ -376,9 +386,11 @@ class TcpSender(KVSender):
     scheme = "tcp"
     session_cls = TcpSession
 
-    def __init__(self, pool: KVPool, connect_timeout_s: float = 5.0):
+    def __init__(self, pool: KVPool, connect_timeout_s: float = 5.0,
+                 secret: bytes | None = None):
         self.pool = pool
         self.connect_timeout_s = connect_timeout_s
+        self._secret = secret
         self._idle: dict[str, list[Conn]] = {}
         self._lock = threading.Lock()
 
@@ -422,6 +434,8 @@ class TcpSender(KVSender):
         _tune(sock)
         conn = Conn(sock, address)
         try:
+            if self._secret is not None:
+                authenticate_sender(sock, self.pool.layout, self._secret)
             send_message(sock, MsgKind.HELLO, self.pool.layout,
                          payload=self._hello_payload(conn))
             header, payload = read_message(sock, _SMALL)

@@ -216,9 +216,10 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
     scheme = "ucx"
 
     def __init__(self, pool: KVPool, host: str = "127.0.0.1", port: int = 0,
-                 name: str | None = None, config: UcxConfig | None = None):
+                 name: str | None = None, config: UcxConfig | None = None,
+                 secret: bytes | None = None):
         self._ucx = _Ucx(config or UcxConfig(), name or "ucx-rx")
-        super().__init__(pool, host, port, name)
+        super().__init__(pool, host, port, name, secret)
 
     def _prepare(self, conn: Conn, inc: Incoming) -> None:
         lay, ucx = self.pool.layout, self._ucx
@@ -269,9 +270,9 @@ class UcxSender(_UcxHandshake, TcpSender):
     scheme = "ucx"
 
     def __init__(self, pool: KVPool, connect_timeout_s: float = 5.0,
-                 config: UcxConfig | None = None):
+                 config: UcxConfig | None = None, secret: bytes | None = None):
         self._ucx = _Ucx(config or UcxConfig(), "ucx-tx")
-        super().__init__(pool, connect_timeout_s)
+        super().__init__(pool, connect_timeout_s, secret)
 
     def _send_layer_data(self, session: TcpSession, layer: int) -> None:
         ucx, lay = self._ucx, self.pool.layout

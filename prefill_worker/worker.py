@@ -54,7 +54,7 @@ class PrefillWorker(WorkerBase):
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
-        self.sender = make_sender(spec.transport, self.pool)
+        self.sender = make_sender(spec.transport, self.pool, secret=spec.cluster_secret)
         self.transport = type(self.sender).__name__.removesuffix("Sender").lower()
         log.info("%s: KV transport %s, %d KV blocks", self.worker_id, self.transport,
                  self.pool.num_blocks)

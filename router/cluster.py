@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -183,6 +184,7 @@ class LocalCluster:
         from prefill_worker.worker import PrefillWorker
 
         cfg = self.config
+        secret = secrets.token_bytes(32)  # KV connections: this cluster's workers only
 
         def start(cls: type, pool: str, n: int) -> dict[str, Any]:
             options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
@@ -192,7 +194,7 @@ class LocalCluster:
             return {f"{pool}-{i}": ray.remote(cls).options(**options).remote(WorkerSpec(
                 f"{pool}-{i}", str(model_path), Path(model_path).name, cfg.engine,
                 cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
-                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model))
+                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model, secret))
                 for i in range(n)}
 
         if cfg.num_colocated:

@@ -383,3 +383,44 @@ def test_pool_rejects_non_matching_tensors():
     with pytest.raises(ValueError, match="contiguous"):
         KVPool(k.transpose(3, 4).contiguous().transpose(3, 4), k.clone(), lay)
     assert dataclasses.replace(lay, tp_rank=0) == lay
+
+
+# ---- cluster membership (shared secret) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", SOCKET_TRANSPORTS)
+def test_only_cluster_members_can_write_or_read_blocks(kind):
+    """A receiver with the cluster secret takes blocks from a member, and refuses a sender
+    with no secret, a wrong one, or a raw socket skipping the handshake: nothing is written,
+    the reservation stays pending, and the stranger never sees a HELLO (no UCX address)."""
+    import socket as socketlib
+
+    from kv_transfer.header import KVHeader
+    from kv_transfer.wire import encode_ids, parse_address
+
+    lay = layout()
+    src_pool, dst_pool = random_pool(lay, seed=1), random_pool(lay, seed=2)
+    before_k = dst_pool.k.clone()
+    secret = b"s" * 32
+    rx = make_receiver(kind, dst_pool, secret=secret)
+    try:
+        pending = rx.expect("r1", [3, 4], timeout_s=30)
+        for stranger in (make_sender(kind, src_pool),
+                         make_sender(kind, src_pool, secret=b"x" * 32)):
+            with stranger, pytest.raises(TransferError):
+                stranger.send(rx.address, KVControl("r1", 8), [1, 2], [3, 4])
+        host, port = parse_address(rx.address, kind)
+        with socketlib.create_connection((host, port), timeout=5) as raw:  # no AUTH at all
+            begin = encode_ids([1, 2], [3, 4])
+            raw.sendall(KVHeader(MsgKind.HELLO, lay).encode()
+                        + KVHeader(MsgKind.BEGIN, lay, "r1", 2, len(begin)).encode() + begin)
+            raw.settimeout(5)
+            assert raw.recv(4096) == b""  # closed without a word
+        assert not pending.done()
+        assert torch.equal(dst_pool.k, before_k)
+        with make_sender(kind, src_pool, secret=secret) as member:
+            assert member.send(rx.address, KVControl("r1", 8), [1, 2], [3, 4]).ok
+        assert pending.wait(10).ok
+        assert torch.equal(dst_pool.k[:, [3, 4]], src_pool.k[:, [1, 2]])
+    finally:
+        rx.close()
