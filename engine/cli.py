@@ -85,6 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
                            pool_resources=args.pool_resources,
                            drain_grace_s=args.drain_grace_s,
+                           worker_metrics_port=args.worker_metrics_port,
                            router=RouterConfig(max_queue=args.max_queue,
                                                api_keys_file=args.api_keys,
                                                tls_cert_file=args.tls_cert,
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "-1 = off)")
     up.add_argument("--metrics-port", type=int, default=None,
                     help="serve the router's Prometheus metrics on this port (0 = any)")
+    up.add_argument("--worker-metrics-port", type=int, default=0,
+                    help="port of each worker's /metrics (default: a free one; fix it when "
+                         "each worker has its own host/pod, e.g. on KubeRay)")
     up.add_argument("--transport", default="auto", choices=["auto", "ucx", "tcp"],
                     help="KV transport (auto: UCX where ucxx imports, else TCP)")
     up.add_argument("--kv-cache-mib", type=int, default=None, help="KV pool per worker")

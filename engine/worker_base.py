@@ -41,7 +41,7 @@ class WorkerBase:
         from router.metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
-        self.metrics_address = self.metrics.serve(node_host())
+        self.metrics_address = self.metrics.serve(node_host(), spec.metrics_port)
         if self.publishes_blocks and spec.redis_url:
             from prefill_worker.index_publisher import IndexPublisher
             from router.prefix_index import RedisPrefixIndex

@@ -31,6 +31,7 @@ class WorkerSpec:
     # KV connections between workers authenticate with it (kv_transfer/auth.py): only this
     # cluster's workers can write into or read from a pool. The launcher makes a fresh one.
     cluster_secret: bytes | None = None
+    metrics_port: int = 0  # this worker's /metrics (0 = a free port; fixed on Kubernetes)
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path

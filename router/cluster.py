@@ -47,6 +47,7 @@ class ClusterConfig:
     port: int = 0  # 0 = a free port
     metrics_port: int | None = None  # Prometheus /metrics of the router (0 = a free port)
     http_port: int | None = None  # OpenAI-compatible HTTP API (0 = a free port)
+    worker_metrics_port: int = 0  # each worker's /metrics (fixed: one worker per pod)
     transport: str = "auto"  # KV transport: ucx | tcp | auto (ucx where ucxx imports)
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     worker_num_cpus: float = 0.25
@@ -194,7 +195,8 @@ class LocalCluster:
             return {f"{pool}-{i}": ray.remote(cls).options(**options).remote(WorkerSpec(
                 f"{pool}-{i}", str(model_path), Path(model_path).name, cfg.engine,
                 cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
-                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model, secret))
+                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model, secret,
+                cfg.worker_metrics_port))
                 for i in range(n)}
 
         if cfg.num_colocated:

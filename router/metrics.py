@@ -133,11 +133,11 @@ class WorkerMetrics:
     def transfer_bytes(self, transport: str, n: int) -> None:
         self._transfer_bytes.labels(*self._labels, transport).inc(n)
 
-    def serve(self, host: str) -> str:
-        """Start the /metrics HTTP server on a free port of host; returns host:port."""
+    def serve(self, host: str, port: int = 0) -> str:
+        """Start the /metrics HTTP server on host:port (0 = a free one); returns host:port."""
         from prometheus_client import start_http_server
 
-        self._server, _ = start_http_server(0, host, registry=self.registry)
+        self._server, _ = start_http_server(port, host, registry=self.registry)
         self.port = self._server.server_port
         return f"{host}:{self.port}"
 
