@@ -81,6 +81,31 @@ class _Stream:
     emitted_chars: int = 0
 
 
+def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The context limit before the KV pool is sized (every TP rank computes the same)."""
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window:
+        # Sliding-window attention is not implemented: within the window it is identical.
+        limit = min(limit, model_config.sliding_window)
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's "
+                          f"limit {limit}")
+    return config.max_model_len
+
+
+def check_tp_config(config: EngineConfig, tp: TPGroup | None) -> None:
+    """EngineConfig's tp_rank/tp_size (read by KV transfer) must describe the group used."""
+    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
+    if (config.tp_rank, config.tp_size) != (rank, size):
+        raise ConfigError(
+            f"EngineConfig says tp_rank={config.tp_rank} tp_size={config.tp_size} but the "
+            f"TPGroup is rank {rank} of {size}"
+            + ("; create it with engine.tp_engine.init_tp_group and pass it as tp"
+               if tp is None else ""))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, tp: TPGroup | None = None):
         from engine.default_model import resolve_model
@@ -92,9 +117,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(self.model_path)
         self.tokenizer = (Tokenizer.from_dir(self.model_path)
                           if (self.model_path / "tokenizer.json").is_file() else None)
-        self.max_model_len = self._max_model_len()
-        self.runner = ModelRunner(self.model_config, self.config, self.model_path,
-                                  self.max_model_len, tp)
+        self.max_model_len = resolve_max_model_len(self.model_config, self.config)
+        self.runner = self._make_runner(tp)
         capacity = self.runner.num_blocks * self.config.block_size
         if capacity < self.max_model_len:
             log.warning("KV pool holds %d tokens < max_model_len %d; lowering max_model_len",
@@ -118,17 +142,25 @@ class LLMEngine:
         # a per-layer callback (model.forward's `on_layer`) that ships finished layers' KV.
         self.kv_layer_hook: Callable[[SchedulerOutput], Callable[[int], None] | None] | None = None
 
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        if self.model_config.sliding_window:
-            # Sliding-window attention is not implemented: within the window it is identical.
-            limit = min(limit, self.model_config.sliding_window)
-        if self.config.max_model_len is None:
-            return limit
-        if self.config.max_model_len > limit:
-            raise ConfigError(f"max_model_len {self.config.max_model_len} exceeds the model's "
-                              f"limit {limit}")
-        return self.config.max_model_len
+    def _make_runner(self, tp: TPGroup | None) -> ModelRunner:
+        """A plain ModelRunner, or under tensor parallelism (rank 0 only) one that broadcasts
+        each step to the follower ranks (engine/tp_engine.py)."""
+        if tp is None or tp.size == 1:
+            check_tp_config(self.config, tp)
+            return ModelRunner(self.model_config, self.config, self.model_path,
+                               self.max_model_len, tp)
+        if tp.rank != 0:
+            raise ConfigError(f"LLMEngine runs on TP rank 0 only; rank {tp.rank} runs "
+                              "engine.tp_engine.TPFollower")
+        from engine.tp_engine import TPDriverRunner
+
+        return TPDriverRunner(self.model_config, self.config, self.model_path,
+                              self.max_model_len, tp)
+
+    def close(self) -> None:
+        """Under tensor parallelism, tell the follower ranks to leave their loop; otherwise a
+        no-op. The engine takes no more steps afterwards."""
+        self.runner.close()
 
     # ---- requests in ---------------------------------------------------------------------
 

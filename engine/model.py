@@ -85,7 +85,9 @@ class Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, tp
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp)
+        qkv = self.qkv_proj
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp,
+                                        shard=(qkv.q_first * cfg.head_dim, qkv.q_size))
         self.num_heads = self.qkv_proj.local_heads
         self.num_kv_heads = self.qkv_proj.local_kv_heads
         self.head_dim = cfg.head_dim
@@ -164,6 +166,12 @@ class LlamaModel(nn.Module):
     @property
     def local_kv_heads(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
+
+    @property
+    def kv_head_shard(self) -> tuple[int, int]:
+        """(first, count) of the checkpoint's KV heads this rank's cache holds."""
+        qkv = self.layers[0].self_attn.qkv_proj
+        return qkv.kv_first, qkv.local_kv_heads
 
     def forward(
         self,

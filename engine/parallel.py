@@ -6,13 +6,19 @@ holds a slice and communicates over the torch.distributed group. Each parameter 
 checkpoint tensor, reading only that part (`tensor_slice` is a safetensors slice or a tensor).
 
 Splits follow Megatron/vLLM: column-parallel QKV and gate/up (output dim split), row-parallel
-O and down (input dim split, then all-reduce), vocab-parallel embedding and LM head. When TP
-exceeds the KV head count, KV heads are replicated: rank r holds KV head r // replicas.
+O and down (input dim split, then all-reduce), vocab-parallel embedding and LM head. Attention
+heads are split along KV-head groups (`kv_head_shard`): a rank owns a contiguous run of KV
+heads and the query heads that read them. When TP exceeds the KV head count, KV heads are
+replicated: rank r holds KV head r // (tp_size // num_kv_heads). When the KV head count is not
+a multiple of TP (SmolLM2-135M: 3 KV heads, TP=2) the runs differ by one head between ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,23 +27,88 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@dataclass
+class CommTimer:
+    """Wall time spent inside collectives, by kind (benchmarks; off unless TPGroup.timer set).
+    On CUDA, `sync` (torch.cuda.synchronize) runs before and after each collective so the
+    time is the collective's, not queued compute."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    sync: Any = None
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+
 @dataclass(frozen=True)
 class TPGroup:
+    """This rank's place in a tensor-parallel group. `group` carries the model's collectives
+    (gloo or NCCL); `control` (gloo, CPU) carries the per-step broadcast from rank 0, with a
+    long timeout on followers, which wait there while rank 0 is idle."""
+
     rank: int = 0
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when size > 1
+    control: Any = None  # gloo ProcessGroup for step broadcasts (engine/tp_engine.py)
+    timer: CommTimer | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            with self.timed("all_reduce"):
+                dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        with self.timed("all_gather"):
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    @contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Adds the block's wall time to `timer` under `kind` (no-op without a timer)."""
+        timer = self.timer
+        if timer is None:
+            yield
+            return
+        if timer.sync is not None:
+            timer.sync()
+        start = time.perf_counter()
+        yield
+        if timer.sync is not None:
+            timer.sync()
+        timer.add(kind, time.perf_counter() - start)
+
+
+def kv_head_shard(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """(first, count): the KV heads `rank` holds. tp_size <= num_kv_heads: contiguous runs,
+    the first num_kv_heads % tp_size ranks one head longer; tp_size > num_kv_heads: one head,
+    each replicated on tp_size // num_kv_heads consecutive ranks. This is the ownership map KV
+    transfer needs to route heads between different TP sizes."""
+    if tp_size > num_kv_heads:
+        if tp_size % num_kv_heads:
+            raise ValueError(f"tp_size {tp_size} > kv heads {num_kv_heads} must be a multiple")
+        return rank // (tp_size // num_kv_heads), 1
+    base, extra = divmod(num_kv_heads, tp_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def max_local_kv_heads(num_kv_heads: int, tp_size: int) -> int:
+    """The most KV heads any rank holds: every rank sizes its KV pool by this, so all ranks
+    have the same number of blocks (block ids are shared, chosen by rank 0)."""
+    return max(kv_head_shard(num_kv_heads, tp_size, r)[1] for r in range(tp_size))
 
 
 def read_slice(src: Any, dim: int, start: int, size: int) -> torch.Tensor:
@@ -99,26 +170,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused Q/K/V projection; KV heads are replicated across ranks when tp > num_kv_heads."""
+    """Fused Q/K/V projection over this rank's heads (`kv_head_shard`): its KV heads and the
+    query heads that read them. KV heads are replicated across ranks when tp > num_kv_heads."""
 
     def __init__(
         self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
         tp: TPGroup,
     ):
-        if num_heads % tp.size:
-            raise ValueError(f"num_heads {num_heads} not divisible by tp_size {tp.size}")
-        if tp.size >= num_kv_heads:
-            if tp.size % num_kv_heads:
-                raise ValueError(f"tp_size {tp.size} not a multiple of kv heads {num_kv_heads}")
-            self.kv_replicas = tp.size // num_kv_heads
-            self.local_kv_heads = 1
+        self.kv_first, self.local_kv_heads = kv_head_shard(num_kv_heads, tp.size, tp.rank)
+        if tp.size > num_kv_heads:
+            if num_heads % tp.size:
+                raise ValueError(f"num_heads {num_heads} not divisible by tp_size {tp.size}")
+            self.local_heads = num_heads // tp.size
+            self.q_first = tp.rank * self.local_heads
         else:
-            if num_kv_heads % tp.size:
-                raise ValueError(f"kv heads {num_kv_heads} not divisible by tp_size {tp.size}")
-            self.kv_replicas = 1
-            self.local_kv_heads = num_kv_heads // tp.size
+            group = num_heads // num_kv_heads
+            self.q_first, self.local_heads = self.kv_first * group, self.local_kv_heads * group
         self.head_dim = head_dim
-        self.local_heads = num_heads // tp.size
         local_out = (self.local_heads + 2 * self.local_kv_heads) * head_dim
         # The fused weight is already this rank's size; the loader places each shard.
         super().__init__(hidden, local_out, bias, TPGroup(0, 1))
@@ -127,25 +195,28 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_size = self.local_kv_heads * head_dim
 
     def weight_loader(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
-        rank = self.tp.rank
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, rank * self.q_size
+            offset, size, start = 0, self.q_size, self.q_first * self.head_dim
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, start = self.kv_size, (rank // self.kv_replicas) * self.kv_size
+            size, start = self.kv_size, self.kv_first * self.head_dim
         _copy_checked(param.data.narrow(0, offset, size), read_slice(src, 0, start, size),
                       f"qkv shard {shard_id}")
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split; partial sums are all-reduced, bias added once."""
+    """y = x W^T with W's input columns split; partial sums are all-reduced, bias added once.
+    `shard` (start, size) overrides the even split (O projection over uneven head runs)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
+                 shard: tuple[int, int] | None = None):
         super().__init__()
-        if in_features % tp.size:
-            raise ValueError(f"input size {in_features} not divisible by tp_size {tp.size}")
+        if shard is None:
+            if in_features % tp.size:
+                raise ValueError(f"input size {in_features} not divisible by tp_size {tp.size}")
+            shard = (tp.rank * (in_features // tp.size), in_features // tp.size)
         self.tp = tp
-        self.in_per_rank = in_features // tp.size
+        self.in_start, self.in_per_rank = shard
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -154,8 +225,7 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = replicated_loader
 
     def weight_loader(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
-        start = self.tp.rank * self.in_per_rank
-        _copy_checked(param, read_slice(src, 1, start, self.in_per_rank), "row shard")
+        _copy_checked(param, read_slice(src, 1, self.in_start, self.in_per_rank), "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(F.linear(x, self.weight))

@@ -19,6 +19,15 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {"head_dim": 32}),
 }
 
+# Head layouts that only tensor parallelism cares about: name -> (family, config overrides).
+# kv1: TP=2 exceeds the KV heads (one KV head, replicated on both ranks).
+# kv3_uneven: 3 KV heads over TP=2 (SmolLM2-135M's shape: 9 heads, 3 KV heads), 2 + 1 per rank.
+TP_HEAD_LAYOUTS = {
+    "llama_gqa_kv1": ("llama", {"num_key_value_heads": 1}),
+    "llama_kv3_uneven": ("llama", {"hidden_size": 96, "num_attention_heads": 6,
+                                   "num_key_value_heads": 3}),
+}
+
 
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, dtype=torch.float32,
                          **overrides) -> Path:
