@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--rate", type=float, default=None, help="requests/s allowed for it")
     key.set_defaults(func=cmd_api_key)
 
+    from loadgen.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     imp = sub.add_parser("import-model", help="fetch/import a model into the cache, print path")
     imp.add_argument("--model", default=None)
     imp.set_defaults(func=cmd_import_model)

@@ -340,6 +340,7 @@ class Router:
         exclude: set[str] = set()  # decode workers that failed this request
         generated: list[int] = []  # tokens the client already has
         retries = {"transfer": 0, "migration": 0}
+        segment_start = run.arrival
         while True:
             # A retry or migration continues the request: the prompt plus what was streamed
             # is prefilled again on a healthy pair and decoding picks up after it.
@@ -370,13 +371,14 @@ class Router:
                     log.warning("request %s: %s; retrying once on another decode worker",
                                 run.request_id, result["error"])
                     exclude.add(run.decode_id)
+                    segment_start = time.monotonic()  # the failed attempt is not queueing
                     continue
                 raise RequestFailed(f"prefill on {placement.worker_id}: {result['error']}")
             run.transport = result["transport"]
             if not generated:
                 run.cached_tokens = result["num_cached_tokens"]
                 run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
-            run.timing.queued_ms += 1e3 * (sent - run.arrival + result["queued_s"])
+            run.timing.queued_ms += 1e3 * (sent - segment_start + result["queued_s"])
             run.timing.prefill_ms += 1e3 * result["prefill_s"]
             run.timing.transfer_ms += 1e3 * result["transfer_s"]
             generated += result["token_ids"]
@@ -403,6 +405,7 @@ class Router:
                 log.warning("request %s: %s; migrating it (%d tokens streamed) to a healthy "
                             "pair", run.request_id, e, len(generated))
                 exclude.add(run.decode_id)
+                segment_start = time.monotonic()
                 continue
             raise RequestFailed(f"decode stream from {run.decode_id} ended without a finish")
 

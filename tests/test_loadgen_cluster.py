@@ -1,0 +1,174 @@
+"""loadgen against a real tiny cluster (Ray actors, gRPC router over a socket): a complete
+report with every request accounted for, and server errors landing in the error counts.
+
+The router is sized to overload on purpose (one prefill slot, a wait queue of one), so that a
+burst is answered with RESOURCE_EXHAUSTED; closed-loop runs at concurrency 2 never exceed
+slot + queue, so they see no rejection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
+
+from loadgen.arrivals import ArrivalConfig, Limits
+from loadgen.cli import main as loadgen_main
+from loadgen.runner import BenchConfig, run_bench
+from loadgen.stats import PHASES, STATS, summarize
+from loadgen.workloads import TrafficClass, WorkloadConfig, make_workload
+from router.cluster import ClusterConfig, LocalCluster
+from router.server import RouterConfig
+
+VOCAB = 320  # tiny_models' vocabulary
+ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 16, "max_num_batched_tokens": 256}
+WORKLOAD = WorkloadConfig(input_len="uniform:8:64", output_len="uniform:2:6",
+                          token_id_low=16, token_id_high=VOCAB,
+                          classes=[TrafficClass("chat", 3, ttft_ms=10_000, tpot_ms=5_000,
+                                                priority=1),
+                                   TrafficClass("bulk", 1)])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("loadgen") / "llama", seed=3)
+    add_tiny_tokenizer(model)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    cfg = ClusterConfig(model=str(model), num_prefill=1, num_decode=1, start_redis=False,
+                        engine=ENGINE, worker_num_cpus=0.25,
+                        router=RouterConfig(slots_per_prefill_worker=1, max_queue=1))
+    with LocalCluster(cfg) as c:
+        yield c
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(cluster):
+    """After each run: every worker's block accounting holds and nothing is left held (the
+    rejected, invalid and finished requests all freed their blocks)."""
+    yield
+    deadline = time.monotonic() + 20
+    while True:
+        reports = {wid: ray.get(a.check_integrity.remote())
+                   for wid, a in [*cluster.prefill.items(), *cluster.decode.items()]}
+        held = {wid: r for wid, r in reports.items()
+                if r["free_blocks"] != r["num_blocks"] or r["requests"] or r.get("jobs")}
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"blocks or requests still held: {held}")
+        time.sleep(0.1)
+
+
+def bench(address: str, **kw) -> BenchConfig:
+    kw.setdefault("workload", WORKLOAD)
+    return BenchConfig(address=address, seed=kw.pop("seed", 2), **kw)  # seed 2: both classes
+
+
+def assert_accounted(report: dict, sent: int, warmup: int) -> None:
+    c = report["counts"]
+    assert c["sent"] == sent and c["warmup"] == warmup
+    assert c["succeeded"] + c["errored"] == c["sent"]
+    assert sum(report["errors"].values()) == c["errored"]
+
+
+def test_run_produces_a_complete_report(cluster):
+    cfg = bench(cluster.address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
+                limits=Limits(num_requests=12, warmup_requests=2))
+    result = asyncio.run(run_bench(cfg))
+    report = summarize(result.records, cfg.to_json())
+    assert_accounted(report, sent=12, warmup=2)
+    assert report["errors"] == {} and report["counts"]["succeeded"] == 12
+    for phase in PHASES:  # every phase measured, every statistic a number
+        row = report["phases"][phase]
+        assert set(row) == set(STATS)
+        assert all(isinstance(row[s], float) for s in STATS), (phase, row)
+        assert row["p50"] <= row["p90"] <= row["p95"] <= row["p99"] <= row["max"]
+    measured = [r for r in result.records if not r.warmup]
+    for r in measured:  # the client saw what the server says it sent
+        assert r.output_tokens == r.server.completion_tokens
+        assert len(r.itl_ms) == r.output_tokens - 1
+        assert r.prompt_tokens == r.input_tokens_sent
+        assert r.server.finish_reason == "length"
+    out_tokens = sum(r.output_tokens for r in measured)
+    t = report["throughput"]
+    assert t["output_tokens_per_s"] * t["window_s"] == pytest.approx(out_tokens)
+    assert report["slo_attainment"]["both"] == 1.0  # generous SLOs on a tiny model
+    assert set(report["classes"]) == {"chat", "bulk"}
+    assert report["config"]["seed"] == 2
+
+
+def test_invalid_requests_counted_as_invalid_argument(cluster):
+    """Every third request carries a token id outside the vocabulary: the router answers
+    INVALID_ARGUMENT, and exactly those show up in the error counts."""
+    cfg = bench(cluster.address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
+                limits=Limits(num_requests=9, warmup_requests=3))
+
+    def poisoned():
+        for spec in make_workload(cfg.workload, 0):
+            if spec.index % 3 == 1:
+                spec = dataclasses.replace(spec, token_ids=[*spec.token_ids[:-1], VOCAB + 1000])
+            yield spec
+
+    result = asyncio.run(run_bench(cfg, workload=poisoned()))
+    report = summarize(result.records, cfg.to_json())
+    assert_accounted(report, sent=9, warmup=3)
+    bad = [r for r in result.records if r.index % 3 == 1]
+    assert all(r.status == "INVALID_ARGUMENT" for r in bad)
+    assert report["errors"] == {"INVALID_ARGUMENT": sum(not r.warmup for r in bad)} == \
+        {"INVALID_ARGUMENT": 3}
+    assert report["counts"]["warmup_errored"] == 1
+    assert report["counts"]["succeeded"] == 6
+    assert report["goodput"]["requests"] == 6  # an error never meets its SLO
+
+
+def test_overload_counted_as_resource_exhausted(cluster):
+    """Bursts far beyond one prefill slot + a queue of one: the router rejects early, and the
+    rejections are counted, not dropped."""
+    cfg = bench(cluster.address, arrival=ArrivalConfig(kind="burst", burst_size=12,
+                                                       burst_interval_s=0.2),
+                limits=Limits(num_requests=24))
+    result = asyncio.run(run_bench(cfg))
+    report = summarize(result.records, cfg.to_json())
+    assert_accounted(report, sent=24, warmup=0)
+    assert set(report["errors"]) == {"RESOURCE_EXHAUSTED"}
+    assert report["errors"]["RESOURCE_EXHAUSTED"] >= 1
+    assert report["counts"]["succeeded"] >= 1
+
+
+def test_cli_sweep_writes_reports_plots_and_compares(cluster, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = loadgen_main(["bench", "--address", cluster.address, "--sweep", "20,40",
+                       "--num-requests", "4", "--input-len", "uniform:8:32",
+                       "--output-len", "fixed:3", "--token-id-range", f"16:{VOCAB}",
+                       "--ttft-ms", "10000", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["rate"] for r in summary["runs"]] == [20.0, 40.0]
+    for r in summary["runs"]:
+        report = json.loads((out / r["report"]).read_text())
+        assert_accounted(report, sent=4, warmup=0)
+        assert set(report["phases"]) == set(PHASES)
+        assert report["config"]["arrival"] == {**report["config"]["arrival"], "kind": "poisson",
+                                               "rate": r["rate"]}
+        assert (out / r["report"]).with_name("latency_cdf.png").stat().st_size > 0
+        assert (out / r["report"]).with_name("requests.jsonl").read_text().count("\n") == 4
+    assert (out / "sweep.png").stat().st_size > 0
+    capsys.readouterr()
+    rc = loadgen_main(["bench", "compare", str(out / "rate_20/report.json"),
+                       str(out / "rate_40/report.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ttft p99" in text and "goodput" in text and "x" in text
