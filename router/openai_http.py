@@ -73,7 +73,7 @@ class OpenAIServer:
 
     async def start(self, host: str, port: int, tls: tuple | None = None) -> int:
         """`tls`: (cert PEM path, key PEM path, client CA PEM path or None)."""
-        app = web.Application(client_max_size=8 * 2**20)
+        app = web.Application(client_max_size=self.router.config.max_message_bytes)
         app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),

@@ -73,6 +73,12 @@ class RouterConfig:
     stats_interval_s: float = 0.25  # worker stats / in-process index feed period
     index_ttl_s: float = 5.0  # in-process index: worker registration lifetime
     heartbeat_timeout_s: float = 10.0  # a worker's stats call slower than this is logged
+    # Limits, enforced before any work is done (INVALID_ARGUMENT beyond them).
+    max_prompt_tokens: int | None = None  # None: max_model_len - 1
+    max_prompt_chars: int = 1_000_000  # text/chat checked before tokenizing
+    max_output_tokens: int = 8192  # sampling.max_tokens
+    max_stop_strings: int = 16
+    max_message_bytes: int = 4 * 2**20  # one gRPC message / one HTTP body
     api_keys_file: str | None = None  # router/auth.py; None = no authentication
     tls_cert_file: str | None = None  # PEM; with tls_key_file: TLS on gRPC and HTTP
     tls_key_file: str | None = None
@@ -150,8 +156,15 @@ class Router:
         if self.index_in_process:
             for wid in self.prefill:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
-        self.server = grpc.aio.server()
-        pdserve_pb2_grpc.add_PDServeServicer_to_server(_Service(self), self.server)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.config.max_message_bytes)])
+        # Registered by hand so that the request arrives as bytes: an undecodable message is
+        # the client's error (INVALID_ARGUMENT), not gRPC's "Unexpected DecodeError" (UNKNOWN).
+        service = _Service(self)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {"Generate": grpc.unary_stream_rpc_method_handler(
+                service.generate_bytes,
+                response_serializer=pdserve_pb2.GenerateResponse.SerializeToString)}),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -250,7 +263,27 @@ class Router:
     def new_request_id(self) -> str:
         return f"r{next(self._ids)}-{time.time_ns() % 10**9:09d}"
 
+    def check_limits(self, req: ParsedRequest) -> None:
+        """The configured limits that need no tokenizing (RouterConfig)."""
+        c = self.config
+        if req.sampling.max_tokens > c.max_output_tokens:
+            raise InvalidArgument(f"sampling.max_tokens={req.sampling.max_tokens}: at most "
+                                  f"{c.max_output_tokens} on this cluster")
+        if len(req.sampling.stop) > c.max_stop_strings:
+            raise InvalidArgument(f"sampling.stop: {len(req.sampling.stop)} strings, at most "
+                                  f"{c.max_stop_strings}")
+        if isinstance(req.prompt, str):
+            chars = len(req.prompt)
+        elif req.prompt and isinstance(req.prompt[0], dict):
+            chars = sum(len(m["content"]) for m in req.prompt)
+        else:
+            chars = 0
+        if chars > c.max_prompt_chars:
+            raise InvalidArgument(f"prompt is {chars} characters; at most "
+                                  f"{c.max_prompt_chars}")
+
     def tokenize(self, req: ParsedRequest) -> list[int]:
+        self.check_limits(req)
         tok = self.model.tokenizer
         if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], dict)):
             if tok is None:
@@ -265,12 +298,15 @@ class Router:
                                       f"[0, {self.model.vocab_size})")
         if req.sampling.stop and tok is None:
             raise InvalidArgument("sampling.stop needs a tokenizer: use stop_token_ids")
-        limit = self.model.max_model_len
+        limit = self.model.max_model_len - 1
+        if self.config.max_prompt_tokens is not None:
+            limit = min(limit, self.config.max_prompt_tokens)
         if not ids:
             raise InvalidArgument("the prompt tokenizes to nothing")
-        if len(ids) >= limit:
+        if len(ids) > limit:
             raise InvalidArgument(f"prompt is {len(ids)} tokens; this cluster serves at most "
-                                  f"{limit - 1} prompt tokens (max_model_len {limit})")
+                                  f"{limit} prompt tokens (max_model_len "
+                                  f"{self.model.max_model_len})")
         return ids
 
     async def lookup_prefix(self, token_ids: list[int]) -> dict[str, int]:
@@ -663,6 +699,19 @@ class Router:
 class _Service(pdserve_pb2_grpc.PDServeServicer):
     def __init__(self, router: Router):
         self.router = router
+
+    async def generate_bytes(self, raw: bytes, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+        from google.protobuf.message import DecodeError
+
+        try:
+            request = pdserve_pb2.GenerateRequest.FromString(raw)
+        except DecodeError as e:
+            self.router.metrics.rejected.labels("invalid_argument").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid pdserve.v1.GenerateRequest: {e}")
+        async for response in self.Generate(request, context):
+            yield response
 
     async def Generate(self, request: pdserve_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
