@@ -53,6 +53,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": "monitoring"}}}]},
     },
+    "secured": {
+        "security": {"apiKeysSecret": "pdserve-api-keys",
+                     "tls": {"secretName": "pdserve-tls", "clientCAKey": "ca.crt"}},
+    },
     "pvc-model": {
         "model": {"source": "pvc", "pvc": {"claimName": "models", "path": "Qwen2.5-7B-Instruct"}},
         "cache": {"existingClaim": "pdserve-cache"},
@@ -342,7 +346,8 @@ def test_router_service_and_probes(release):
     assert container["startupProbe"]["grpc"] == {"port": 50051}
     assert container["startupProbe"]["failureThreshold"] * 10 >= 900
     assert container["livenessProbe"]["grpc"] == {"port": 50051}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http",
+                                                      "scheme": "HTTP"}
     service = one(objs, "Service", f"{RELEASE}-pdserve")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         "grpc": (50051, "grpc"), "http": (8000, "http"), "metrics": (9400, "metrics")}
@@ -504,3 +509,27 @@ def test_notes_say_how_to_reach_the_api(chart):
         in notes
     assert "pdserve generate --address 127.0.0.1:50051" in notes
     assert "http://127.0.0.1:8000/v1/chat/completions" in notes
+
+
+def test_security_values_wire_keys_tls_and_probes(release):
+    objs = release("secured")
+    router = router_container(objs)
+    args = effective_args(objs, router)
+    assert flag(args, "--api-keys") == "/etc/pdserve/api-keys/api-keys"
+    assert flag(args, "--tls-cert") == "/etc/pdserve/tls/tls.crt"
+    assert flag(args, "--tls-key") == "/etc/pdserve/tls/tls.key"
+    assert flag(args, "--tls-client-ca") == "/etc/pdserve/tls/ca.crt"
+    mounts = {m["name"]: m for m in router["volumeMounts"]}
+    assert mounts["api-keys"]["readOnly"] and mounts["tls"]["readOnly"]
+    deployments = [o for o in objs if o["kind"] == "Deployment"
+                   and any(c["name"] == "router"
+                           for c in o["spec"]["template"]["spec"]["containers"])]
+    volumes = {v["name"]: v for v in deployments[0]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "pdserve-api-keys"
+    assert volumes["tls"]["secret"]["secretName"] == "pdserve-tls"
+    # Kubelet's gRPC probe cannot speak TLS, and mTLS refuses a certificate-less HTTPS probe.
+    assert "grpc" not in router["livenessProbe"] and "tcpSocket" in router["livenessProbe"]
+    assert "tcpSocket" in router["readinessProbe"]
+    plain = router_container(release("default"))
+    assert "grpc" in plain["livenessProbe"] and flag(effective_args(
+        release("default"), plain), "--api-keys") is None

@@ -1,0 +1,168 @@
+"""Soak: hours-long stability in minutes-long pieces. Memory growth, errors and latency drift
+at a steady ~70% of measured capacity.
+
+1. Starts a local cluster (default model, 1 prefill + 1 decode, local redis-server when on
+   PATH) and measures capacity: throughput of a closed loop at `--capacity-concurrency`.
+2. Offers Poisson load at `--load` × capacity for `--minutes`, as consecutive loadgen runs of
+   `--window-min` each, sampling the RSS of every process of the cluster (this driver with
+   the router, each worker actor, redis-server) every `--sample-s`.
+3. Reports per process the RSS slope (MB/min, least squares over the whole soak, after the
+   first window so warm-up allocation does not count), errors by status, and P99 TTFT/TPOT of
+   the first and the last window (drift = last / first). Target: flat memory, zero errors.
+
+    python -m bench.soak [--minutes 30] [--window-min 5] [--load 0.7] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadgen.arrivals import ArrivalConfig, Limits
+from loadgen.bench import report_of
+from loadgen.runner import BenchConfig, run_bench
+from loadgen.workloads import WorkloadConfig
+
+
+class RssSampler(threading.Thread):
+    """RSS (MB) of the given processes every `every_s`, until stopped."""
+
+    def __init__(self, pids: dict[str, int], every_s: float):
+        super().__init__(daemon=True)
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.every_s = every_s
+        self.samples: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            for name, proc in self.procs.items():
+                try:
+                    self.samples[name].append((now, proc.memory_info().rss / 2**20))
+                except psutil.Error:  # a dead process is itself a finding: no more samples
+                    pass
+            self.stopped.wait(self.every_s)
+
+
+def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mt = sum(t for t, _ in points) / n
+    mr = sum(r for _, r in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    return 60 * sum((t - mt) * (r - mr) for t, r in points) / var
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--window-min", type=float, default=5.0)
+    ap.add_argument("--load", type=float, default=0.7, help="fraction of measured capacity")
+    ap.add_argument("--capacity-concurrency", type=int, default=8)
+    ap.add_argument("--capacity-requests", type=int, default=40)
+    ap.add_argument("--input-len", default="uniform:64:256")
+    ap.add_argument("--output-len", default="uniform:8:32")
+    ap.add_argument("--sample-s", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/out/soak.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from router.cluster import ClusterConfig, LocalCluster
+
+    workload = WorkloadConfig(kind="random", input_len=args.input_len,
+                              output_len=args.output_len, token_id_high=30000)
+    with LocalCluster(ClusterConfig(model=args.model, port=0, worker_num_cpus=0.25)) as cluster:
+        pids = {"router+driver": os.getpid()}
+        for wid, actor in [*cluster.prefill.items(), *cluster.decode.items()]:
+            pids[wid] = ray.get(actor.ready.remote())["pid"]
+        if cluster._redis_proc is not None:
+            pids["redis-server"] = cluster._redis_proc.pid
+
+        def run(config: BenchConfig) -> dict[str, Any]:
+            return report_of(asyncio.run(run_bench(config)))
+
+        print("soak: measuring capacity ...", file=sys.stderr)
+        cap = run(BenchConfig(address=cluster.address, seed=args.seed, workload=workload,
+                              arrival=ArrivalConfig(kind="concurrency",
+                                                    concurrency=args.capacity_concurrency),
+                              limits=Limits(num_requests=args.capacity_requests,
+                                            warmup_requests=4)))
+        capacity = cap["throughput"]["requests_per_s"]
+        rate = args.load * capacity
+        print(f"soak: capacity {capacity:.2f} req/s; offering {rate:.2f} req/s for "
+              f"{args.minutes:g} min", file=sys.stderr)
+        sampler = RssSampler(pids, args.sample_s)
+        sampler.start()
+        windows = []
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < args.minutes * 60 - 1:
+            report = run(BenchConfig(
+                address=cluster.address, seed=args.seed + i, workload=workload,
+                arrival=ArrivalConfig(kind="poisson", rate=rate),
+                limits=Limits(num_requests=None, duration_s=args.window_min * 60),
+                drain_timeout_s=120))
+            windows.append(report)
+            i += 1
+            print(f"soak: window {i}: {report['counts']} errors {report['errors']} "
+                  f"TTFT p99 {report['phases']['ttft']['p99']} ms", file=sys.stderr)
+        sampler.stopped.set()
+        sampler.join()
+    skip = args.window_min * 60  # the first window warms caches and allocators up
+    rss = {}
+    for name, points in sampler.samples.items():
+        later = [p for p in points if p[0] - start >= skip] or points
+        rss[name] = {"first_mb": points[0][1] if points else None,
+                     "last_mb": points[-1][1] if points else None,
+                     "slope_mb_per_min": slope_mb_per_min(later), "samples": len(points)}
+    errors: dict[str, int] = {}
+    for w in windows:
+        for code, n in w["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    first, last = windows[0]["phases"], windows[-1]["phases"]
+
+    def drift(phase: str) -> float | None:
+        a, b = first[phase]["p99"], last[phase]["p99"]
+        return b / a if a and b else None
+
+    summary = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]),
+        "capacity_rps": capacity, "offered_rps": rate, "minutes": args.minutes,
+        "windows": len(windows),
+        "sent": sum(w["counts"]["sent"] for w in windows),
+        "errors": errors, "rss": rss,
+        "p99_ms": {p: {"first": first[p]["p99"], "last": last[p]["p99"], "drift": drift(p)}
+                   for p in ("ttft", "tpot", "e2e")},
+        "load_avg": os.getloadavg(),
+    }
+    print(json.dumps({k: summary[k] for k in ("capacity_rps", "offered_rps", "sent", "errors",
+                                               "rss", "p99_ms")}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
