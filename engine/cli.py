@@ -92,8 +92,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                                                tls_key_file=args.tls_key,
                                                tls_client_ca_file=args.tls_client_ca))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     workers = (f"{args.colocated} colocated" if args.colocated
                else f"{args.prefill} prefill + {args.decode} decode")
     print(f"pdserve: starting {workers} workers ...", file=sys.stderr)
@@ -113,6 +111,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return run_generate(cluster.address, prompt=args.prompt, chat=True,
                                 sampling=SamplingParams(max_tokens=args.max_tokens,
                                                         temperature=0.0))
+        # After the cluster is up: ray.init installs its own SIGTERM handler (which aborts).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print("pdserve: serving; Ctrl-C stops the cluster", file=sys.stderr)
         stop.wait()
         print(f"pdserve: draining (up to {args.drain_grace_s:g} s), then shutting down",

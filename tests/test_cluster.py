@@ -493,3 +493,42 @@ def test_decode_worker_killed_mid_decode_migrates_and_is_restarted(model_dir, ra
             time.sleep(0.2)
         assert ray.get(cluster.decode[victim].ready.remote())["pid"] != pid
         wait_idle(cluster)
+
+
+def test_sigterm_drains_a_real_pdserve_up(model_dir, tmp_path):
+    """`pdserve up` as its own process: SIGTERM mid-request lets the request finish, then the
+    process exits cleanly (what a rolling update relies on)."""
+    import signal
+    import subprocess
+    import sys
+
+    from redis_server import free_port
+
+    port = free_port()
+    with open(tmp_path / "up.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "up", "--model", str(model_dir), "--port",
+             str(port), "--http-port", "-1", "--no-redis", "--drain-grace-s", "60"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 180
+        while "serving; Ctrl-C" not in (tmp_path / "up.log").read_text():
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "pdserve up never came up"
+            time.sleep(0.2)
+        long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+        with GenerateClient(f"127.0.0.1:{port}") as client:
+            call = client.stream(build_generate_request(token_ids=list(range(5, 30)),
+                                                        sampling=long))
+            first = next(call)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(call)
+        assert rest[-1].final.finish_reason == "length"
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
+        assert proc.wait(120) == 0
+        assert "draining" in (tmp_path / "up.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
