@@ -532,3 +532,36 @@ def test_sigterm_drains_a_real_pdserve_up(model_dir, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_interactive_priority_overtakes_queued_batch_requests(model_dir, ray_session):
+    """Overload with batch traffic (priority 0), then send interactive requests (priority 10):
+    they are prefilled before batch requests that were already waiting."""
+    router = RouterConfig(slots_per_prefill_worker=1, max_queue=64)
+    with make_cluster(model_dir, 1, 1, start_redis=False, router=router) as cluster, \
+            GenerateClient(cluster.address) as client, ThreadPoolExecutor(16) as pool:
+        first_token_at: dict[str, float] = {}
+
+        def run(name: str, priority: int) -> None:
+            req = build_generate_request(token_ids=list(range(5, 120)), priority=priority,
+                                         sampling=SamplingParams(max_tokens=8,
+                                                                 temperature=0.0,
+                                                                 ignore_eos=True))
+            call = client.stream(req)
+            next(call)
+            first_token_at[name] = time.monotonic()
+            list(call)
+
+        batch = [pool.submit(run, f"batch-{i}", 0) for i in range(10)]
+        deadline = time.monotonic() + 30
+        while cluster.router.slo.queue_length < 6:  # batch requests are waiting
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        interactive = [pool.submit(run, f"interactive-{i}", 10) for i in range(3)]
+        for f in batch + interactive:
+            f.result(120)
+    last_interactive = max(t for n, t in first_token_at.items() if n.startswith("inter"))
+    batch_times = sorted(t for n, t in first_token_at.items() if n.startswith("batch"))
+    # At least the last three batch requests (still queued when the interactive ones came)
+    # got their first token after every interactive request.
+    assert last_interactive < batch_times[-3]
