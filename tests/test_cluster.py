@@ -17,8 +17,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from cluster_helpers import ray_session as ray_session_cm
+from cluster_helpers import tiny_model, wait_idle
 from redis_server import REDIS_SERVER, SKIP_REASON, start_redis_server, stop_redis_server
-from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -35,20 +36,13 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("cluster") / "llama", seed=3)
-    add_tiny_tokenizer(path)
-    return path
+    return tiny_model(tmp_path_factory.mktemp("cluster") / "llama", seed=3)
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+    with ray_session_cm():
+        yield
 
 
 def make_cluster(model_dir, num_prefill=1, num_decode=1, **kw) -> LocalCluster:
@@ -74,22 +68,6 @@ def colocated(model_dir, token_prompts, sampling=GREEDY) -> list[list[int]]:
 def run_all(address: str, requests) -> list:
     with GenerateClient(address) as client, ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(client.generate, requests))
-
-
-def wait_idle(cluster: LocalCluster, timeout_s: float = 20.0) -> None:
-    """Every worker's blocks back on its free list (cached blocks count as free) and no
-    request left anywhere; fails with what is still held."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        reports = {wid: ray.get(a.check_integrity.remote())
-                   for wid, a in [*cluster.prefill.items(), *cluster.decode.items()]}
-        held = {wid: r for wid, r in reports.items()
-                if r["free_blocks"] != r["num_blocks"] or r["requests"] or r.get("jobs")}
-        if not held:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"blocks or requests still held: {held}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

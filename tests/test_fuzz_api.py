@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 ray = pytest.importorskip("ray")
 
-from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
+from cluster_helpers import ray_session, tiny_model, wait_idle
 
 from pdserve_api import pdserve_pb2
 from router.client import GenerateClient
@@ -32,20 +32,13 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("fuzz") / "llama", seed=7)
-    add_tiny_tokenizer(path)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    path = tiny_model(tmp_path_factory.mktemp("fuzz") / "llama", seed=7)
     router = RouterConfig(max_output_tokens=8, max_prompt_tokens=200,
                           max_message_bytes=64 * 1024)
     cfg = ClusterConfig(model=str(path), start_redis=False, http_port=0, router=router,
                         engine={"num_kv_blocks": 64}, worker_num_cpus=0.25)
-    with LocalCluster(cfg) as c:
+    with ray_session(), LocalCluster(cfg) as c:
         yield c
-    if started:
-        ray.shutdown()
 
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
@@ -200,8 +193,6 @@ def test_fuzzed_openai_bodies_get_clear_http_errors(cluster):
 
 def _still_serving(cluster) -> None:
     """No process died, no block leaked, and a normal request is served."""
-    from test_cluster import wait_idle
-
     from engine.sampling_params import SamplingParams
     from router.api import build_generate_request
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
+from cluster_helpers import ray_session, tiny_model, wait_idle
 
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.cli import main as loadgen_main
@@ -39,19 +37,12 @@ WORKLOAD = WorkloadConfig(input_len="uniform:8:64", output_len="uniform:2:6",
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    model = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("loadgen") / "llama", seed=3)
-    add_tiny_tokenizer(model)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    model = tiny_model(tmp_path_factory.mktemp("loadgen") / "llama", seed=3)
     cfg = ClusterConfig(model=str(model), num_prefill=1, num_decode=1, start_redis=False,
                         engine=ENGINE, worker_num_cpus=0.25,
                         router=RouterConfig(slots_per_prefill_worker=1, max_queue=1))
-    with LocalCluster(cfg) as c:
+    with ray_session(), LocalCluster(cfg) as c:
         yield c
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -59,17 +50,7 @@ def no_leaks(cluster):
     """After each run: every worker's block accounting holds and nothing is left held (the
     rejected, invalid and finished requests all freed their blocks)."""
     yield
-    deadline = time.monotonic() + 20
-    while True:
-        reports = {wid: ray.get(a.check_integrity.remote())
-                   for wid, a in [*cluster.prefill.items(), *cluster.decode.items()]}
-        held = {wid: r for wid, r in reports.items()
-                if r["free_blocks"] != r["num_blocks"] or r["requests"] or r.get("jobs")}
-        if not held:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"blocks or requests still held: {held}")
-        time.sleep(0.1)
+    wait_idle(cluster)
 
 
 def bench(address: str, **kw) -> BenchConfig:

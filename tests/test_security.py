@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import ssl
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
+from cluster_helpers import ray_session, tiny_model
 
 from engine.sampling_params import SamplingParams
 from router.api import build_generate_request
@@ -90,26 +89,19 @@ def _certs(tmp_path):
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("security")
-    model = make_tiny_checkpoint("llama", tmp / "llama", seed=5)
-    add_tiny_tokenizer(model)
+    model = tiny_model(tmp / "llama", seed=5)
     ca, cert, key, client_cert, client_key = _certs(tmp)
     alice, line_a = new_key_line("alice")
     bob, line_b = new_key_line("bob", rate_per_s=0.001)
     (tmp / "keys").write_text(f"{line_a}\n{line_b}\n")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     router = RouterConfig(api_keys_file=str(tmp / "keys"), tls_cert_file=cert,
                           tls_key_file=key, tls_client_ca_file=ca)  # mutual TLS
     cfg = ClusterConfig(model=str(model), start_redis=False, http_port=0, router=router,
                         engine={"num_kv_blocks": 64}, worker_num_cpus=0.25)
-    with LocalCluster(cfg) as cluster:
+    with ray_session(), LocalCluster(cfg) as cluster:
         yield cluster, {"ca": ca, "alice": alice, "bob": bob,
                         "tls": {"tls_ca_file": ca, "tls_cert_file": client_cert,
                                 "tls_key_file": client_key}}
-    if started:
-        ray.shutdown()
 
 
 def test_grpc_needs_a_valid_key_over_tls(secure_cluster):
