@@ -2,9 +2,8 @@
 
 A backend turns a `RequestSpec` into the reply's `StreamEvent`s and raises `BackendError`
 with a status name when the request fails; it does no timing (the runner timestamps events as
-they arrive) and no statistics. `grpc` is the pdserve streaming API; an OpenAI-compatible
-HTTP backend (SSE chunks -> events) plugs in the same way: subclass `Backend`, add it to
-`make_backend`.
+they arrive) and no statistics. `grpc` is the pdserve streaming API; `openai` the
+OpenAI-compatible HTTP API (SSE chunks -> events; loadgen/openai_backend.py).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from collections.abc import AsyncIterator
 from loadgen.record import StreamEvent
 from loadgen.workloads import RequestSpec
 
-BACKENDS = ("grpc",)
+BACKENDS = ("grpc", "openai")
 
 
 class Backend(ABC):
@@ -41,4 +40,11 @@ def make_backend(name: str, address: str, *, channels: int = 1,
         from loadgen.grpc_backend import GrpcBackend
 
         return GrpcBackend(address, channels=channels, connect_timeout_s=connect_timeout_s)
+    if name == "openai":
+        import os
+
+        from loadgen.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(address, connect_timeout_s=connect_timeout_s,
+                             api_key=os.environ.get("PDSERVE_API_KEY"))
     raise ValueError(f"backend {name!r}: must be one of {', '.join(BACKENDS)}")

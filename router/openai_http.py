@@ -9,6 +9,8 @@ Both POST routes stream as server-sent events with `"stream": true` (ending `dat
 `GenerateRequest` and runs through `Router.generate`, exactly like a gRPC call, so validation,
 SLO scheduling and cancellation (client disconnect) are the same. pdserve extensions in the
 body: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `priority`, `ttft_ms`, `tpot_ms`.
+Responses add a `pdserve` key: `tokens` per stream chunk, and on the last chunk (or the JSON
+body) `final` with the per-phase timing and placement of the gRPC final message.
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request,
 429 overloaded (with Retry-After), 503 no healthy worker.
@@ -221,7 +223,8 @@ class OpenAIServer:
         return web.json_response({
             "id": oid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": self.router.model.name,
-            "choices": [choice], "usage": _usage(final)})
+            "choices": [choice], "usage": _usage(final),
+            "pdserve": {"final": _pdserve_final(final)}})
 
     async def _stream(self, request: web.Request, responses: AsyncIterator, oid: str,
                       chat: bool, include_usage: bool) -> web.StreamResponse:
@@ -230,7 +233,8 @@ class OpenAIServer:
         created, model = int(time.time()), self.router.model.name
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(text: str | None, finish: str | None, first: bool = False,
+                  extra: dict | None = None) -> dict:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 if text:
@@ -240,8 +244,11 @@ class OpenAIServer:
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish,
                           "logprobs": None}
-            return {"id": oid, "object": kind, "created": created, "model": model,
-                    "choices": [choice]}
+            out = {"id": oid, "object": kind, "created": created, "model": model,
+                   "choices": [choice]}
+            if extra:
+                out["pdserve"] = extra
+            return out
 
         # Pull the first message before committing to a 200: admission errors become a plain
         # HTTP error (429/400) that clients can retry on.
@@ -261,11 +268,13 @@ class OpenAIServer:
         msg, is_first = first, True
         try:
             while True:
-                if msg.text or is_first:
-                    await send(chunk(msg.text, None, first=is_first))
+                if msg.text or msg.token_ids or is_first:
+                    await send(chunk(msg.text, None, first=is_first,
+                                     extra={"tokens": len(msg.token_ids)}))
                     is_first = False
                 if msg.HasField("final"):
-                    await send(chunk(None, msg.final.finish_reason))
+                    await send(chunk(None, msg.final.finish_reason,
+                                     extra={"final": _pdserve_final(msg.final)}))
                     if include_usage:
                         await send({"id": oid, "object": kind, "created": created,
                                     "model": model, "choices": [],
@@ -315,3 +324,17 @@ def _usage(final) -> dict[str, Any]:
     return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
             "total_tokens": final.prompt_tokens + final.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
+
+
+def _pdserve_final(final) -> dict[str, Any]:
+    """pdserve's extension to the OpenAI body (clients ignore unknown keys): the request's
+    per-phase timing and placement, as the gRPC final message carries them."""
+    t = final.timing
+    return {"finish_reason": final.finish_reason, "prompt_tokens": final.prompt_tokens,
+            "cached_tokens": final.cached_tokens,
+            "completion_tokens": final.completion_tokens,
+            "timing_ms": {"queued": t.queued_ms, "prefill": t.prefill_ms,
+                          "transfer": t.transfer_ms, "decode": t.decode_ms, "ttft": t.ttft_ms,
+                          "e2e": t.e2e_ms},
+            "prefill_worker": final.prefill_worker, "decode_worker": final.decode_worker,
+            "kv_transport": final.kv_transport, "retries": final.retries}

@@ -39,7 +39,7 @@ WORKLOAD = WorkloadConfig(input_len="uniform:8:64", output_len="uniform:2:6",
 def cluster(tmp_path_factory):
     model = tiny_model(tmp_path_factory.mktemp("loadgen") / "llama", seed=3)
     cfg = ClusterConfig(model=str(model), num_prefill=1, num_decode=1, start_redis=False,
-                        engine=ENGINE, worker_num_cpus=0.25,
+                        engine=ENGINE, worker_num_cpus=0.25, http_port=0,
                         router=RouterConfig(slots_per_prefill_worker=1, max_queue=1))
     with ray_session(), LocalCluster(cfg) as c:
         yield c
@@ -89,6 +89,35 @@ def test_run_produces_a_complete_report(cluster):
     assert report["slo_attainment"]["both"] == 1.0  # generous SLOs on a tiny model
     assert set(report["classes"]) == {"chat", "bulk"}
     assert report["config"]["seed"] == 2
+
+
+def test_openai_http_backend_reports_the_same_phases(cluster):
+    """The OpenAI HTTP endpoint as the driver: exact token counts and server phases come
+    from pdserve's extension to the SSE chunks; HTTP errors are counted by status name."""
+    address = f"127.0.0.1:{cluster.router.http_port}"
+    cfg = dataclasses.replace(
+        bench(address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
+              limits=Limits(num_requests=9, warmup_requests=1)), backend="openai")
+
+    def poisoned():
+        for spec in make_workload(cfg.workload, 0):
+            if spec.index % 3 == 2:
+                spec = dataclasses.replace(spec, token_ids=[*spec.token_ids[:-1], VOCAB + 7])
+            yield spec
+
+    result = asyncio.run(run_bench(cfg, workload=poisoned()))
+    report = summarize(result.records, cfg.to_json())
+    assert_accounted(report, sent=9, warmup=1)
+    assert report["errors"] == {"INVALID_ARGUMENT": 3}
+    ok = [r for r in result.records if r.status == "OK" and not r.warmup]
+    assert len(ok) == 6
+    for r in ok:  # the client counted what the server says it sent
+        assert r.output_tokens == r.server.completion_tokens > 0
+        assert len(r.itl_ms) == r.output_tokens - 1
+        assert r.prompt_tokens == r.input_tokens_sent
+        assert r.server.prefill_ms > 0 and r.server.kv_transport in ("ucx", "tcp")
+    for phase in PHASES:
+        assert isinstance(report["phases"][phase]["p99"], float), phase
 
 
 def test_invalid_requests_counted_as_invalid_argument(cluster):
