@@ -450,6 +450,25 @@ class LLMEngine:
                 m.num_output_tokens = out.num_output_tokens
         return [merged[i] for i in ids]
 
+    def warmup(self) -> None:
+        """Run one short request through prefill and decode before serving, then forget it.
+
+        A worker's first forward pass pays one-time costs (allocator growth, kernel dispatch
+        caches) several times a normal step; without this the first user request pays them,
+        and the router's per-worker timing model starts from that outlier.
+        """
+        mode = self.config.mode
+        self.config.mode = EngineMode.COLOCATED  # a full request in any mode; restored below
+        try:
+            vocab = self.model_config.vocab_size
+            prompt = [i % vocab for i in range(1, 2 * self.config.block_size + 2)]
+            self.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0,
+                                                   ignore_eos=True))
+        finally:
+            self.config.mode = mode
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.drain_events()  # nothing of the warmup reaches the prefix index
+
     def check_integrity(self) -> None:
         live = [r for r in self.requests.values()]
         self.block_manager.check_integrity(live)

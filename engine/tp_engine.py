@@ -129,10 +129,14 @@ def _handshake(tp: TPGroup, device: torch.device, num_blocks: int,
                       f"start within the timeout): {e}") from e
     table = table.cpu()
     failed = [r for r in range(tp.size) if table[r, 0] != 1]
+    blocks = table[:, 1].tolist()
+    if failed or len(set(blocks)) > 1:
+        # Every rank reached the same verdict; leaving the group now, rather than at
+        # interpreter exit, spares gloo's "terminate called without an active exception".
+        destroy_tp_group()
     if failed:
         raise TPError(f"rank {tp.rank}: TP rank(s) {failed} failed to start"
                       + (f": {error}" if error is not None else "")) from error
-    blocks = table[:, 1].tolist()
     if len(set(blocks)) > 1:
         raise TPError(f"TP ranks disagree on the KV pool size (blocks per rank: {blocks}); "
                       "give every rank the same EngineConfig")

@@ -34,6 +34,7 @@ class WorkerBase:
         self.spec = spec
         self.worker_id = spec.worker_id
         self.engine = LLMEngine(spec.engine_config(self.mode))
+        self.engine.warmup()
         self.aloop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
         self._pending_events: list[Any] = []  # in-process index mode: pulled by the router

@@ -460,6 +460,9 @@ class TcpSender(KVSender):
         self._drop(conn)
         conn.close()
 
+    def connect(self, address: str) -> None:
+        self._release(address, self._connect(address))
+
     def open(self, address: str, request_id: str, src_block_ids: Sequence[int],
              dst_block_ids: Sequence[int], timeout_s: float = 30.0) -> SendSession:
         src, dst = [int(i) for i in src_block_ids], [int(i) for i in dst_block_ids]

@@ -340,6 +340,11 @@ class KVSender(ABC):
              dst_block_ids: Sequence[int], timeout_s: float = 30.0) -> SendSession:
         """Start a transfer; raises KVLayoutMismatch / TransferError if the receiver refuses."""
 
+    def connect(self, address: str) -> None:
+        """Set up and keep a connection to address ahead of the first transfer there, so that
+        request does not pay the handshake. Raises TransferError if the receiver is not
+        reachable. Transports without connections have nothing to do."""
+
     def send(self, address: str, control: KVControl, src_block_ids: Sequence[int],
              dst_block_ids: Sequence[int], timeout_s: float = 30.0) -> TransferResult:
         """Whole-request transfer: every layer, then the control message."""

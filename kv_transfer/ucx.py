@@ -274,6 +274,15 @@ class UcxSender(_UcxHandshake, TcpSender):
         self._ucx = _Ucx(config or UcxConfig(), "ucx-tx")
         super().__init__(pool, connect_timeout_s, secret)
 
+    def connect(self, address: str) -> None:
+        conn = self._connect(address)
+        try:
+            self._ep(conn)  # the endpoint too: built lazily, it would cost the first request
+        except Exception as e:  # ucxx raises its own UCX* error types
+            self._discard(conn)
+            raise TransferError(f"UCX endpoint to {address}: {type(e).__name__}: {e}") from e
+        self._release(address, conn)
+
     def _send_layer_data(self, session: TcpSession, layer: int) -> None:
         ucx, lay = self._ucx, self.pool.layout
         segs = session.extra.get("segs")

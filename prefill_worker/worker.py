@@ -67,6 +67,19 @@ class PrefillWorker(WorkerBase):
     def _ready_extra(self) -> dict[str, Any]:
         return {"transport": self.transport}
 
+    async def connect_decode(self, addresses: list[str]) -> dict[str, str]:
+        """Open the KV connections to these decode workers now (TCP/UCX handshake, auth), on
+        the engine thread that later sends on them; returns the errors by address."""
+        def connect(_: Any) -> dict[str, str]:
+            errors = {}
+            for address in addresses:
+                try:
+                    self.sender.connect(address)
+                except (TransferError, KVLayoutMismatch, OSError, ValueError) as e:
+                    errors[address] = str(e)
+            return errors
+        return await self.call(connect)
+
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
                       sampling: dict[str, Any], dst_address: str, dst_block_ids: list[int]
                       ) -> dict[str, Any]:

@@ -145,6 +145,7 @@ class Router:
             self.api_keys = ApiKeys.from_file(self.config.api_keys_file)
         self.draining = False
         self._in_flight = 0
+        self._kv_addresses: dict[str, str] = {}  # decode worker id -> its KV receiver
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -183,6 +184,10 @@ class Router:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._count_workers()
+        if self.decode:
+            infos = await asyncio.gather(*(a.ready.remote() for a in self.decode.values()))
+            self._kv_addresses = {wid: i["address"] for wid, i in zip(self.decode, infos)}
+            await self._connect_kv(self.prefill, list(self._kv_addresses.values()))
         self._tasks.append(asyncio.create_task(self._watch_workers()))
         if http_port is not None:
             from router.openai_http import OpenAIServer
@@ -639,16 +644,40 @@ class Router:
             log.error("%s worker %s did not come back (%s)", role, wid, error)
             return
         if role == "prefill":
+            if not self.colocated:
+                await self._connect_kv({wid: actor}, list(self._kv_addresses.values()))
             self.prefill[wid] = actor
             self.slo.add_prefill_worker(wid)
             if self.index_in_process:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
         else:
+            self._kv_addresses[wid] = info["address"]
+            await self._connect_kv(self.prefill, [info["address"]])
             self.decode[wid] = actor
             self.slo.add_decode_worker(wid)
         self._count_workers()
         log.warning("%s worker %s restarted (pid %s) and is back in the pool", role, wid,
                     info.get("pid"))
+
+    async def _connect_kv(self, prefill: dict[str, Any], addresses: list[str]) -> None:
+        """Have prefill workers open their KV connections to decode workers before traffic:
+        the handshake then stays out of the first requests' TTFT (and out of the timing
+        models fitted on it). A failure here is logged; the transfer itself retries."""
+        import ray
+
+        if not addresses:
+            return
+        replies = await asyncio.gather(*(a.connect_decode.remote(addresses)
+                                         for a in prefill.values()), return_exceptions=True)
+        for wid, reply in zip(prefill, replies):
+            if isinstance(reply, ray.exceptions.RayError):
+                log.warning("prefill worker %s could not pre-connect its KV links: %s", wid,
+                            reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                for address, error in reply.items():
+                    log.warning("prefill worker %s: KV link to %s: %s", wid, address, error)
 
     def _count_workers(self) -> None:
         self.metrics.workers.labels("colocated" if self.colocated else "prefill").set(

@@ -167,3 +167,21 @@ def test_abort_mid_decode_frees_blocks(tiny_llama):
     assert seen[b][-1].finish_reason == "length"
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("mode", list(EngineMode))
+def test_warmup_leaves_no_trace(tiny_llama, mode):
+    """A worker warms its engine before serving: afterwards nothing of the dummy request is
+    left (blocks, prefix-cache hashes, index events, requests) and the mode is unchanged."""
+    engine = make_engine(tiny_llama, mode=mode)
+    engine.warmup()
+    bm = engine.block_manager
+    assert engine.config.mode == mode
+    assert bm.num_free_blocks == bm.num_blocks and not bm.cached
+    assert bm.drain_events() == [] and engine.requests == {} and not engine.has_unfinished()
+    engine.check_integrity()
+    if mode != EngineMode.DECODE:
+        prompt = random_prompts(1, 320, seed=21, lo=40, hi=40)[0]
+        out = engine.generate([prompt], greedy(n=1 if mode == EngineMode.PREFILL else N))[0]
+        assert out.num_cached_tokens == 0
+        assert out.new_token_ids == hf_greedy(tiny_llama, prompt, len(out.new_token_ids))

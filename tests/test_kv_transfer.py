@@ -161,6 +161,29 @@ def test_shuffled_blocks_arrive_byte_identical(kind, dtype):
         rx.close()
 
 
+@pytest.mark.parametrize("kind", SOCKET_TRANSPORTS)
+def test_connect_ahead_is_the_connection_the_first_transfer_uses(kind):
+    lay = layout()
+    src_pool, dst_pool = random_pool(lay, seed=1), random_pool(lay, seed=2)
+    rx, tx = endpoints(kind, dst_pool, src_pool)
+    try:
+        tx.connect(rx.address)
+        deadline = time.monotonic() + 5
+        while len(rx._conns) != 1:  # the receiver accepts on its own thread
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pending = rx.expect("r1", [3], timeout_s=20)
+        assert tx.send(rx.address, KVControl("r1", 4), [5], [3]).ok
+        assert pending.wait(10).ok
+        assert torch.equal(dst_pool.k[:, 3], src_pool.k[:, 5])
+        assert len(rx._conns) == 1  # no second handshake
+        with pytest.raises(TransferError):
+            tx.connect(f"{kind}://127.0.0.1:1")  # nothing listens there: a clear error
+    finally:
+        tx.close()
+        rx.close()
+
+
 @pytest.mark.parametrize("field, value", [("head_dim", 16), ("dtype", torch.float16),
                                           ("block_size", 8), ("model_id", "other-model")])
 @pytest.mark.parametrize("kind", TRANSPORTS)

@@ -153,10 +153,13 @@ def _rank_main(rank: int, size: int, port: int, paths: dict[str, str], out: str,
         # ("terminate called without an active exception").
         del tp
         gc.collect()
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - any failure: reported, then the exit code
         (out_dir / f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}\n"
                                                    + traceback.format_exc())
-        raise
+        # Exit at once, as a serving rank does on a fatal TPError: interpreter teardown with
+        # gloo's threads still around can abort (-6) and hide the error's exit code.
+        destroy_tp_group()
+        os._exit(1)
 
 
 def run_ranks(paths: dict[str, Path], out: Path, fault: str | None = None,
