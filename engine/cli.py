@@ -77,7 +77,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     grpc_port = args.port if args.port is not None else (0 if args.prompt else 50051)
     http_port = args.http_port if args.http_port is not None else (0 if args.prompt else 8000)
     config = ClusterConfig(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
-                           num_colocated=args.colocated,
+                           num_colocated=args.colocated, prefill_tp=args.prefill_tp,
+                           decode_tp=args.decode_tp, colocated_tp=args.colocated_tp,
                            redis_url=args.redis, start_redis=not args.no_redis, host=args.host,
                            port=grpc_port, metrics_port=args.metrics_port,
                            http_port=None if http_port < 0 else http_port,
@@ -169,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--colocated", type=int, default=0,
                     help="serve with N colocated workers instead (the P/D baseline)")
+    up.add_argument("--prefill-tp", type=int, default=1,
+                    help="tensor-parallel ranks (Ray actors) per prefill worker")
+    up.add_argument("--decode-tp", type=int, default=1,
+                    help="tensor-parallel ranks per decode worker (independent of prefill's)")
+    up.add_argument("--colocated-tp", type=int, default=1,
+                    help="tensor-parallel ranks per colocated worker")
     up.add_argument("--redis", default=os.environ.get("PDSERVE_REDIS_URL"), metavar="URL",
                     help="prefix index Redis URL, redis:// or rediss:// (default: "
                          "$PDSERVE_REDIS_URL, which keeps a password out of the process list; "

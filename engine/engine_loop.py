@@ -9,6 +9,7 @@ concurrent Future (`asyncio.wrap_future` it from an event loop). Step outputs ar
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.engine import LLMEngine, RequestOutput
+from engine.tp_engine import TPError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+TP_FAILED_EXIT_CODE = 70  # a TP rank whose group failed (distinct in Ray's death cause)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class EngineLoop:
             queue.SimpleQueue())
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self.name = name
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
@@ -103,6 +107,12 @@ class EngineLoop:
                     self._wake.clear()
                 if self._after_step is not None:
                     self._after_step()
+            except TPError:
+                # The TP group is gone (a rank died or timed out): this process can never step
+                # again. Exit so that the owner sees a dead worker and replaces the group.
+                log.critical("%s: tensor-parallel group failed; exiting", self.name,
+                             exc_info=True)
+                os._exit(TP_FAILED_EXIT_CODE)
             except Exception:
                 # A failing step would fail again with the same batch: abort what was in it
                 # (owners see finish_reason "abort") and keep the worker serving new requests.

@@ -33,7 +33,8 @@ class WorkerBase:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
         self.worker_id = spec.worker_id
-        self.engine = LLMEngine(spec.engine_config(self.mode))
+        config = spec.engine_config(self.mode)
+        self.engine = LLMEngine(config, spec.join_tp_group(config.device))
         self.engine.warmup()
         self.aloop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
@@ -108,6 +109,7 @@ class WorkerBase:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.engine.close()  # under TP: the follower ranks leave their loops
         self.metrics.close()
         if self.publisher is not None:
             self.publisher.close()

@@ -32,6 +32,11 @@ class WorkerSpec:
     # cluster's workers can write into or read from a pool. The launcher makes a fresh one.
     cluster_secret: bytes | None = None
     metrics_port: int = 0  # this worker's /metrics (0 = a free port; fixed on Kubernetes)
+    # Tensor parallelism: this actor is rank tp_rank of a worker spanning tp_size actors, which
+    # rendezvous at tp_init_method ("tcp://HOST:PORT", chosen by the launcher).
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_init_method: str | None = None
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path
@@ -39,7 +44,23 @@ class WorkerSpec:
             from engine.default_model import resolve_model
 
             model = str(resolve_model(self.model_source))
-        return EngineConfig(**{**self.engine, "model": model, "mode": mode})
+        return EngineConfig(**{**self.engine, "model": model, "mode": mode,
+                               "tp_rank": self.tp_rank, "tp_size": self.tp_size})
+
+    def join_tp_group(self, device: str):
+        """Join this worker's TP group (None without TP): gloo on CPU, NCCL on GPU."""
+        if self.tp_size == 1:
+            return None
+        import torch
+
+        from engine.tp_engine import init_tp_group
+
+        if self.tp_init_method is None:
+            raise ValueError(f"{self.worker_id}: tp_size {self.tp_size} needs tp_init_method")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(device))
+        return init_tp_group(self.tp_rank, self.tp_size, self.tp_init_method, backend)
 
 
 def node_host() -> str:

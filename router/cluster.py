@@ -6,7 +6,10 @@ router, all started here and all stopped by `stop()`.
         print(cluster.address)          # host:port of the gRPC API
 
 The router runs on an asyncio loop in a thread of this process (the Ray driver); workers are
-Ray actors with fractional CPUs, so a 2-core box holds a small cluster.
+Ray actors with fractional CPUs, so a 2-core box holds a small cluster. A worker with tensor
+parallelism (prefill_tp / decode_tp / colocated_tp > 1) is a group of actors, one per rank, in
+a placement group of its own (one bundle per rank, packed on one node when it fits); the
+router replaces such a group as a whole when any rank dies (`replace_group`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class ClusterConfig:
     start_timeout_s: float = 600.0
     drain_grace_s: float = 0.0  # stop(): let in-flight requests finish this long first
     worker_max_restarts: int = 3  # Ray restarts a crashed worker this often (-1: always)
+    # Tensor-parallel ranks per worker, per pool (engine/tp_worker.py); independent, so that
+    # prefill and decode can shard differently (KV heads are routed rank to rank).
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    colocated_tp: int = 1
     fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
 
     def __post_init__(self) -> None:
@@ -77,8 +85,30 @@ class ClusterConfig:
         if self.transport not in ("ucx", "tcp", "auto"):
             raise ConfigError(f"transport {self.transport!r}: a cluster's workers are separate "
                               "processes, choose ucx, tcp or auto")
-        if "mode" in self.engine or "model" in self.engine:
-            raise ConfigError("engine overrides may not set mode or model")
+        if {"mode", "model", "tp_rank", "tp_size"} & set(self.engine):
+            raise ConfigError("engine overrides may not set mode, model, tp_rank or tp_size "
+                              "(use prefill_tp / decode_tp / colocated_tp)")
+        for name in ("prefill_tp", "decode_tp", "colocated_tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+        if self.prefill_tp > 1 or self.decode_tp > 1:
+            raise ConfigError("prefill_tp / decode_tp > 1 need rank-to-rank KV transfer, "
+                              "which is not wired into the pools yet; use colocated_tp")
+
+    def tp_size(self, pool: str) -> int:
+        return getattr(self, f"{pool}_tp")
+
+
+@dataclass
+class _TPWorker:
+    """The actors and placement group of one tensor-parallel worker."""
+
+    cls: type
+    pool: str
+    placement_group: Any
+    followers: list[Any]
+    replacements: int = 0
 
 
 class LocalCluster:
@@ -95,6 +125,9 @@ class LocalCluster:
         self._started_ray = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.tp_workers: dict[str, _TPWorker] = {}  # worker id -> its follower ranks
+        self._secret = secrets.token_bytes(32)  # KV connections: this cluster's workers only
+        self._model_path: Path | None = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -124,7 +157,8 @@ class LocalCluster:
                  else "in process")
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            n = cfg.num_prefill + cfg.num_decode + cfg.num_colocated
+            n = (cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
+                 + cfg.num_colocated * cfg.colocated_tp)
             ray.init(address=cfg.ray_address, include_dashboard=False,
                      num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
                                                                n * cfg.worker_num_cpus + 1),
@@ -147,7 +181,9 @@ class LocalCluster:
                           vocab_size=model_cfg.vocab_size, max_model_len=max_len,
                           block_size=infos[0]["block_size"])
         self.router = Router(model, self.prefill, self.decode, index, cfg.router,
-                             colocated=cfg.num_colocated > 0)
+                             colocated=cfg.num_colocated > 0,
+                             followers={w: g.followers for w, g in self.tp_workers.items()},
+                             replace_group=self.replace_group)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router",
                                         daemon=True)
@@ -178,31 +214,107 @@ class LocalCluster:
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_workers(self, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        import ray
-
         from decode_worker.colocated import ColocatedWorker
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import PrefillWorker
 
         cfg = self.config
-        secret = secrets.token_bytes(32)  # KV connections: this cluster's workers only
+        self._model_path = model_path
 
         def start(cls: type, pool: str, n: int) -> dict[str, Any]:
-            options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
-                       "max_restarts": cfg.worker_max_restarts, "max_concurrency": 1000}
-            if cfg.pool_resources:
-                options["resources"] = {f"pdserve_{pool}": 1}
-            return {f"{pool}-{i}": ray.remote(cls).options(**options).remote(WorkerSpec(
-                f"{pool}-{i}", str(model_path), Path(model_path).name, cfg.engine,
-                cfg.transport, self.redis_url, cfg.heartbeat_s, cfg.ttl_s,
-                cfg.router.kv_timeout_s, cfg.fault_layer_delay_s, cfg.model, secret,
-                cfg.worker_metrics_port))
-                for i in range(n)}
+            return {f"{pool}-{i}": self._start_worker(cls, pool, f"{pool}-{i}")
+                    for i in range(n)}
 
         if cfg.num_colocated:
             return start(ColocatedWorker, "colocated", cfg.num_colocated), {}
         return (start(PrefillWorker, "prefill", cfg.num_prefill),
                 start(DecodeWorker, "decode", cfg.num_decode))
+
+    def _spec(self, worker_id: str, tp_rank: int = 0, tp_size: int = 1,
+              tp_init_method: str | None = None) -> WorkerSpec:
+        cfg, path = self.config, self._model_path
+        return WorkerSpec(
+            worker_id, str(path), Path(path).name, cfg.engine, cfg.transport, self.redis_url,
+            cfg.heartbeat_s, cfg.ttl_s, cfg.router.kv_timeout_s, cfg.fault_layer_delay_s,
+            cfg.model, self._secret, cfg.worker_metrics_port, tp_size, tp_rank, tp_init_method)
+
+    def _actor_options(self, pool: str, share: float = 1.0) -> dict[str, Any]:
+        cfg = self.config
+        options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
+                   "max_concurrency": 1000}
+        if cfg.pool_resources:  # a pod advertising pdserve_<pool>: 1 hosts one whole worker
+            options["resources"] = {f"pdserve_{pool}": share}
+        return options
+
+    def _start_worker(self, cls: type, pool: str, worker_id: str) -> Any:
+        """One pool worker: an actor that Ray restarts on a crash, or, with tensor
+        parallelism, a placement group of rank actors replaced as a whole."""
+        import ray
+
+        tp = self.config.tp_size(pool)
+        if tp == 1:
+            return ray.remote(cls).options(
+                max_restarts=self.config.worker_max_restarts,
+                **self._actor_options(pool)).remote(self._spec(worker_id))
+        from ray.util.placement_group import placement_group
+
+        options = self._actor_options(pool, share=1.0 / tp)
+        bundle = {"CPU": options["num_cpus"], **({"GPU": options["num_gpus"]}
+                                                 if options["num_gpus"] else {}),
+                  **options.get("resources", {})}
+        pg = placement_group([bundle] * tp, strategy="PACK", name=f"pdserve-{worker_id}")
+        ray.get(pg.ready(), timeout=self.config.start_timeout_s)
+        self.tp_workers[worker_id] = _TPWorker(cls, pool, pg, [])
+        return self._start_tp_ranks(worker_id)
+
+    def _start_tp_ranks(self, worker_id: str) -> Any:
+        """Rank 0 and the followers of a TP worker, in its placement group, joined at a
+        fresh rendezvous address on rank 0's node. Returns rank 0."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from engine.tp_worker import TPFollowerWorker, rendezvous_address
+
+        group = self.tp_workers[worker_id]
+        tp = self.config.tp_size(group.pool)
+
+        def on(rank: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(group.placement_group,
+                                                    placement_group_bundle_index=rank)
+
+        init = ray.get(ray.remote(rendezvous_address).options(
+            num_cpus=0, scheduling_strategy=on(0)).remote(), timeout=60)
+        options = {**self._actor_options(group.pool, share=1.0 / tp), "max_restarts": 0}
+        options.pop("resources", None)  # the bundle holds them
+        rank0 = ray.remote(group.cls).options(**options, scheduling_strategy=on(0)).remote(
+            self._spec(worker_id, 0, tp, init))
+        mode = "colocated" if group.pool == "colocated" else group.pool
+        group.followers = [
+            ray.remote(TPFollowerWorker).options(**options, scheduling_strategy=on(r))
+            .remote(self._spec(worker_id, r, tp, init), mode)
+            for r in range(1, tp)]
+        return rank0
+
+    def replace_group(self, worker_id: str) -> tuple[Any, list[Any]]:
+        """The router's call when a rank of a TP worker died: kill what is left of the group
+        and start a fresh one in the same placement group. Returns (rank 0, followers);
+        raises RuntimeError once the worker has used up worker_max_restarts."""
+        import ray
+
+        group = self.tp_workers[worker_id]
+        limit = self.config.worker_max_restarts
+        if 0 <= limit <= group.replacements:
+            raise RuntimeError(f"{worker_id} was replaced {group.replacements} times "
+                               f"(worker_max_restarts {limit})")
+        group.replacements += 1
+        old = [self.prefill.get(worker_id) or self.decode.get(worker_id), *group.followers]
+        for actor in old:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        rank0 = self._start_tp_ranks(worker_id)
+        pool = self.decode if group.pool == "decode" else self.prefill
+        pool[worker_id] = rank0
+        return rank0, group.followers
 
     # ---- stop --------------------------------------------------------------------------------
 
@@ -229,9 +341,13 @@ class LocalCluster:
                 ray.get([a.shutdown.remote() for a in actors], timeout=10)
             except Exception:  # a dead worker has nothing to shut down
                 log.debug("worker shutdown", exc_info=True)
-            for a in actors:
+            for a in actors + [f for g in self.tp_workers.values() for f in g.followers]:
                 ray.kill(a)
-        self.prefill, self.decode = {}, {}
+            from ray.util.placement_group import remove_placement_group
+
+            for g in self.tp_workers.values():
+                remove_placement_group(g.placement_group)
+        self.prefill, self.decode, self.tp_workers = {}, {}, {}
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,8 @@ class _Run:
 class Router:
     def __init__(self, model: ModelInfo, prefill: dict[str, Any], decode: dict[str, Any],
                  index: PrefixIndex, config: RouterConfig | None = None,
-                 colocated: bool = False):
+                 colocated: bool = False, followers: dict[str, list[Any]] | None = None,
+                 replace_group: Callable[[str], tuple[Any, list[Any]]] | None = None):
         self.model = model
         self.config = config or RouterConfig()
         # worker id -> Ray actor handle. Colocated mode: `prefill` holds the colocated
@@ -127,6 +128,10 @@ class Router:
         self.prefill = dict(prefill)
         self.decode = dict(decode)
         self.colocated = colocated
+        # Tensor-parallel workers: worker id -> its follower rank actors, heartbeated too; a
+        # dead rank fails the whole worker, which `replace_group` (the launcher's) restarts.
+        self.followers = dict(followers or {})
+        self.replace_group = replace_group
         self.index = index
         self.index_in_process = isinstance(index, InProcessPrefixIndex)
         self.slo = SLOScheduler(list(self.prefill), list(self.decode),
@@ -620,7 +625,27 @@ class Router:
         else:
             self.slo.remove_decode_worker(wid)
         self._count_workers()
-        self._tasks.append(asyncio.create_task(self._await_restart(role, wid, actor)))
+        if wid in self.followers:
+            self._tasks.append(asyncio.create_task(self._replace_tp_worker(role, wid)))
+        else:
+            self._tasks.append(asyncio.create_task(self._await_restart(role, wid, actor)))
+
+    async def _replace_tp_worker(self, role: str, wid: str) -> None:
+        """A TP worker lost a rank: the launcher starts a fresh group; it rejoins once its
+        rank 0 answers `ready` (which needs every rank's shards loaded)."""
+        if self.replace_group is None:
+            log.error("%s worker %s lost a tensor-parallel rank and nothing can replace it",
+                      role, wid)
+            return
+        try:
+            actor, followers = await asyncio.to_thread(self.replace_group, wid)
+            info = await asyncio.wait_for(actor.ready.remote(), self.config.restart_wait_s)
+        except Exception as e:  # noqa: BLE001 - any failure to start: the worker stays out
+            log.error("%s worker %s could not be replaced: %s: %s", role, wid,
+                      type(e).__name__, e)
+            return
+        self.followers[wid] = followers
+        await self._rejoin(role, wid, actor, info)
 
     async def _await_restart(self, role: str, wid: str, actor: Any) -> None:
         """A restarted actor (max_restarts) answers `ready` again with a fresh engine."""
@@ -643,6 +668,10 @@ class Router:
                 error = "timed out"
             log.error("%s worker %s did not come back (%s)", role, wid, error)
             return
+        await self._rejoin(role, wid, actor, info)
+
+    async def _rejoin(self, role: str, wid: str, actor: Any, info: dict[str, Any]) -> None:
+        """Take a restarted or replaced worker back into its pool."""
         if role == "prefill":
             if not self.colocated:
                 await self._connect_kv({wid: actor}, list(self._kv_addresses.values()))
@@ -700,6 +729,22 @@ class Router:
                         self.config.heartbeat_timeout_s)
         return None
 
+    async def _poll_followers(self) -> None:
+        """A TP worker whose follower rank died is dead as a whole (its next step would fail,
+        and an idle one would not notice): route around it now and have it replaced."""
+        import ray
+
+        for wid, followers in list(self.followers.items()):
+            role = "decode" if wid in self.decode else "prefill"
+            if wid not in self.decode and wid not in self.prefill:
+                continue  # already out, being replaced
+            replies = await asyncio.gather(*(asyncio.wait_for(
+                f.alive.remote(), self.config.heartbeat_timeout_s) for f in followers),
+                return_exceptions=True)
+            dead = [r for r in replies if isinstance(r, ray.exceptions.RayActorError)]
+            if dead:
+                self._worker_died(role, wid, dead[0])
+
     async def _watch_workers(self) -> None:
         """Heartbeat every worker: decode load for placement, liveness of all, and (in-process
         index) the prefill workers' block events."""
@@ -714,6 +759,7 @@ class Router:
                     self.slo.update_decode(wid, free_blocks=s["free_blocks"],
                                            num_running=s["num_running"],
                                            step_s=s["step_s"] if s["steps"] else None)
+            await self._poll_followers()
             prefill = list(self.prefill.items())
             method = "take_index_events" if self.index_in_process else "stats"
             replies = await asyncio.gather(*(self._poll("prefill", w, a, method)
