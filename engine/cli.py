@@ -87,6 +87,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            pool_resources=args.pool_resources,
                            drain_grace_s=args.drain_grace_s,
                            worker_metrics_port=args.worker_metrics_port,
+                           detached_workers=args.detached_workers, namespace=args.namespace,
                            router=RouterConfig(max_queue=args.max_queue,
                                                api_keys_file=args.api_keys,
                                                tls_cert_file=args.tls_cert,
@@ -115,10 +116,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         # After the cluster is up: ray.init installs its own SIGTERM handler (which aborts).
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print("pdserve: serving; Ctrl-C stops the cluster", file=sys.stderr)
+        print("pdserve: serving; Ctrl-C stops the "
+              + ("router (the detached workers stay; `pdserve down` ends them)"
+                 if args.detached_workers else "cluster"), file=sys.stderr)
         stop.wait()
         print(f"pdserve: draining (up to {args.drain_grace_s:g} s), then shutting down",
               file=sys.stderr)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """End the detached workers (and their placement groups) of a namespace."""
+    import ray
+
+    from router.cluster import end_detached_workers
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=args.ray_address, namespace=args.namespace, logging_level=logging.WARNING)
+    try:
+        ended = end_detached_workers(args.namespace)
+    finally:
+        ray.shutdown()
+    print(f"pdserve: ended {len(ended)} detached workers in namespace {args.namespace!r}"
+          + (f": {', '.join(ended)}" if ended else ""), file=sys.stderr)
     return 0
 
 
@@ -215,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require client certificates signed by this CA (mutual TLS)")
     up.add_argument("--max-queue", type=int, default=256,
                     help="requests waiting for prefill before new ones get RESOURCE_EXHAUSTED")
+    up.add_argument("--detached-workers", action="store_true",
+                    help="workers outlive this process; a restarted router adopts them "
+                         "(needs --ray-address, and --redis URL or --no-redis)")
+    up.add_argument("--namespace", default="pdserve", help="Ray namespace of the workers")
     up.add_argument("--prompt", default=None,
                     help="send this chat prompt through the cluster, stream the reply, exit")
     up.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
@@ -225,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("name")
     key.add_argument("--rate", type=float, default=None, help="requests/s allowed for it")
     key.set_defaults(func=cmd_api_key)
+
+    down = sub.add_parser("down", help="end the detached workers of `up --detached-workers`")
+    down.add_argument("--ray-address", required=True)
+    down.add_argument("--namespace", default="pdserve")
+    down.set_defaults(func=cmd_down)
 
     from loadgen.cli import add_bench_parser
 

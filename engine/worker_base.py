@@ -75,6 +75,28 @@ class WorkerBase:
     def _ready_extra(self) -> dict[str, Any]:
         return {}
 
+    async def adopt(self) -> dict[str, Any]:
+        """A new router takes this (detached) worker over after its predecessor died: abort
+        whatever that router left in flight, since no client waits for it any more, so no
+        block stays held; then answer like `ready`."""
+        ids = set(self.streams) | set(await self.call(self._held_request_ids))
+        for rid in ids:
+            await self.abort(rid)
+        if ids:
+            log.warning("%s: adopted by a new router; aborted %d orphaned requests",
+                        self.worker_id, len(ids))
+        return self.ready()
+
+    def _held_request_ids(self, e: LLMEngine) -> list[str]:
+        return list(e.requests)
+
+    def kv_secret(self) -> bytes | None:
+        """For a router adopting detached workers: workers it starts anew must share it."""
+        return self.spec.cluster_secret
+
+    async def abort(self, request_id: str) -> bool:
+        raise NotImplementedError
+
     async def stats(self) -> dict[str, Any]:
         """The router's heartbeat: answered without waiting for the engine thread (a long
         step must not look like a dead worker), from plain reads of its counters."""

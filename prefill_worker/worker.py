@@ -109,6 +109,9 @@ class PrefillWorker(WorkerBase):
     def _integrity_extra(self) -> dict[str, Any]:
         return {"jobs": sorted(self.jobs)}
 
+    def _held_request_ids(self, e: LLMEngine) -> list[str]:
+        return [*e.requests, *self.jobs]
+
     def shutdown(self) -> None:
         super().shutdown()
         self.sender.close()

@@ -65,6 +65,11 @@ class ClusterConfig:
     start_timeout_s: float = 600.0
     drain_grace_s: float = 0.0  # stop(): let in-flight requests finish this long first
     worker_max_restarts: int = 3  # Ray restarts a crashed worker this often (-1: always)
+    # Workers outlive the router (named, detached actors in `namespace`): a restarted router
+    # adopts the live ones, aborting what its predecessor left in flight, instead of loading
+    # the model again. `stop()` then leaves them running; `pdserve down` ends them.
+    detached_workers: bool = False
+    namespace: str = "pdserve"
     # Tensor-parallel ranks per worker, per pool (engine/tp_worker.py); independent, so that
     # prefill and decode can shard differently (KV heads are routed rank to rank).
     prefill_tp: int = 1
@@ -88,6 +93,9 @@ class ClusterConfig:
         if {"mode", "model", "tp_rank", "tp_size"} & set(self.engine):
             raise ConfigError("engine overrides may not set mode, model, tp_rank or tp_size "
                               "(use prefill_tp / decode_tp / colocated_tp)")
+        if self.detached_workers and self.redis_url is None and self.start_redis:
+            raise ConfigError("detached workers outlive this process, so a Redis it starts "
+                              "would not: give --redis URL, or --no-redis")
         for name in ("prefill_tp", "decode_tp", "colocated_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,6 +119,32 @@ class _TPWorker:
     replacements: int = 0
 
 
+def follower_name(worker_id: str, rank: int) -> str:
+    return f"{worker_id}/tp{rank}"
+
+
+def end_detached_workers(namespace: str) -> list[str]:
+    """Kill this namespace's pdserve workers and remove their placement groups (`pdserve
+    down`); returns the actor names ended. Needs a connected Ray."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    ended = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] != namespace or not name.startswith(
+                ("prefill-", "decode-", "colocated-")):
+            continue
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        ended.append(name)
+    for worker in {n.split("/")[0] for n in ended}:
+        try:
+            remove_placement_group(get_placement_group(f"pdserve-{worker}"))
+        except ValueError:
+            pass  # tp 1: no placement group
+    return sorted(ended)
+
+
 class LocalCluster:
     def __init__(self, config: ClusterConfig | None = None):
         self.config = config or ClusterConfig()
@@ -126,6 +160,8 @@ class LocalCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.tp_workers: dict[str, _TPWorker] = {}  # worker id -> its follower ranks
+        self.adopted: set[str] = set()  # detached workers a previous router started
+        self._detached: dict[str, list[Any]] = {}  # adopted worker id -> [rank 0, followers]
         self._secret = secrets.token_bytes(32)  # KV connections: this cluster's workers only
         self._model_path: Path | None = None
 
@@ -159,7 +195,7 @@ class LocalCluster:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             n = (cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
                  + cfg.num_colocated * cfg.colocated_tp)
-            ray.init(address=cfg.ray_address, include_dashboard=False,
+            ray.init(address=cfg.ray_address, include_dashboard=False, namespace=cfg.namespace,
                      num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
                                                                n * cfg.worker_num_cpus + 1),
                      logging_level=logging.WARNING, log_to_driver=True,
@@ -168,8 +204,8 @@ class LocalCluster:
                          "THP_MEM_ALLOC_ENABLE": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}})
             self._started_ray = True
         self.prefill, self.decode = self._start_workers(model_path)
-        infos = ray.get([a.ready.remote() for a in [*self.prefill.values(),
-                                                    *self.decode.values()]],
+        infos = ray.get([a.adopt.remote() if wid in self.adopted else a.ready.remote()
+                         for wid, a in [*self.prefill.items(), *self.decode.items()]],
                         timeout=cfg.start_timeout_s)
         for info in infos:
             log.info("worker %s ready (KV transport %s)", info["worker_id"], info["transport"])
@@ -220,6 +256,8 @@ class LocalCluster:
 
         cfg = self.config
         self._model_path = model_path
+        if cfg.detached_workers:
+            self._find_detached()
 
         def start(cls: type, pool: str, n: int) -> dict[str, Any]:
             return {f"{pool}-{i}": self._start_worker(cls, pool, f"{pool}-{i}")
@@ -230,6 +268,30 @@ class LocalCluster:
         return (start(PrefillWorker, "prefill", cfg.num_prefill),
                 start(DecodeWorker, "decode", cfg.num_decode))
 
+    def _find_detached(self) -> None:
+        """Workers a previous router left running in this namespace: adopt the complete
+        ones (every TP rank alive), sharing their KV secret with any started anew."""
+        import ray
+
+        cfg = self.config
+        pools = ({"colocated": cfg.num_colocated} if cfg.num_colocated else
+                 {"prefill": cfg.num_prefill, "decode": cfg.num_decode})
+        for pool, n in pools.items():
+            for i in range(n):
+                wid = f"{pool}-{i}"
+                names = [wid] + [follower_name(wid, r) for r in range(1, cfg.tp_size(pool))]
+                try:
+                    actors = [ray.get_actor(name, namespace=cfg.namespace) for name in names]
+                    secret = ray.get(actors[0].kv_secret.remote(), timeout=30)
+                except (ValueError, ray.exceptions.RayError):
+                    continue  # not there (or dying): started anew
+                self._detached[wid] = actors
+                self._secret = secret
+        self.adopted = set(self._detached)
+        if self.adopted:
+            log.info("adopting %d live detached workers: %s", len(self.adopted),
+                     sorted(self.adopted))
+
     def _spec(self, worker_id: str, tp_rank: int = 0, tp_size: int = 1,
               tp_init_method: str | None = None) -> WorkerSpec:
         cfg, path = self.config, self._model_path
@@ -238,10 +300,13 @@ class LocalCluster:
             cfg.heartbeat_s, cfg.ttl_s, cfg.router.kv_timeout_s, cfg.fault_layer_delay_s,
             cfg.model, self._secret, cfg.worker_metrics_port, tp_size, tp_rank, tp_init_method)
 
-    def _actor_options(self, pool: str, share: float = 1.0) -> dict[str, Any]:
+    def _actor_options(self, pool: str, share: float = 1.0, name: str | None = None
+                       ) -> dict[str, Any]:
         cfg = self.config
         options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
                    "max_concurrency": 1000}
+        if cfg.detached_workers and name is not None:
+            options.update(name=name, namespace=cfg.namespace, lifetime="detached")
         if cfg.pool_resources:  # a pod advertising pdserve_<pool>: 1 hosts one whole worker
             options["resources"] = {f"pdserve_{pool}": share}
         return options
@@ -253,16 +318,30 @@ class LocalCluster:
 
         tp = self.config.tp_size(pool)
         if tp == 1:
+            if worker_id in self._detached:
+                return self._detached[worker_id][0]
             return ray.remote(cls).options(
                 max_restarts=self.config.worker_max_restarts,
-                **self._actor_options(pool)).remote(self._spec(worker_id))
-        from ray.util.placement_group import placement_group
+                **self._actor_options(pool, name=worker_id)).remote(self._spec(worker_id))
+        from ray.util.placement_group import get_placement_group, placement_group
 
+        pg_name = f"pdserve-{worker_id}"
+        if worker_id in self._detached:
+            rank0, *followers = self._detached[worker_id]
+            self.tp_workers[worker_id] = _TPWorker(cls, pool, get_placement_group(pg_name),
+                                                   followers)
+            return rank0
         options = self._actor_options(pool, share=1.0 / tp)
         bundle = {"CPU": options["num_cpus"], **({"GPU": options["num_gpus"]}
                                                  if options["num_gpus"] else {}),
                   **options.get("resources", {})}
-        pg = placement_group([bundle] * tp, strategy="PACK", name=f"pdserve-{worker_id}")
+        detached = {"lifetime": "detached"} if self.config.detached_workers else {}
+        try:  # a detached group whose ranks died: its placement group may still be there
+            pg = get_placement_group(pg_name) if detached else None
+        except ValueError:
+            pg = None
+        if pg is None:
+            pg = placement_group([bundle] * tp, strategy="PACK", name=pg_name, **detached)
         ray.get(pg.ready(), timeout=self.config.start_timeout_s)
         self.tp_workers[worker_id] = _TPWorker(cls, pool, pg, [])
         return self._start_tp_ranks(worker_id)
@@ -284,14 +363,18 @@ class LocalCluster:
 
         init = ray.get(ray.remote(rendezvous_address).options(
             num_cpus=0, scheduling_strategy=on(0)).remote(), timeout=60)
-        options = {**self._actor_options(group.pool, share=1.0 / tp), "max_restarts": 0}
-        options.pop("resources", None)  # the bundle holds them
-        rank0 = ray.remote(group.cls).options(**options, scheduling_strategy=on(0)).remote(
+
+        def options(rank: int) -> dict[str, Any]:
+            o = self._actor_options(group.pool, share=1.0 / tp,
+                                    name=follower_name(worker_id, rank) if rank else worker_id)
+            o.pop("resources", None)  # the bundle holds them
+            return {**o, "max_restarts": 0, "scheduling_strategy": on(rank)}
+
+        rank0 = ray.remote(group.cls).options(**options(0)).remote(
             self._spec(worker_id, 0, tp, init))
-        mode = "colocated" if group.pool == "colocated" else group.pool
         group.followers = [
-            ray.remote(TPFollowerWorker).options(**options, scheduling_strategy=on(r))
-            .remote(self._spec(worker_id, r, tp, init), mode)
+            ray.remote(TPFollowerWorker).options(**options(r)).remote(
+                self._spec(worker_id, r, tp, init), group.pool)
             for r in range(1, tp)]
         return rank0
 
@@ -318,9 +401,14 @@ class LocalCluster:
 
     # ---- stop --------------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop everything this cluster started, in reverse order; safe to call twice."""
+    def stop(self, keep_workers: bool | None = None) -> None:
+        """Stop everything this cluster started, in reverse order; safe to call twice.
+        `keep_workers` (default: detached_workers) leaves the workers running for the next
+        router to adopt."""
         import ray
+
+        if keep_workers is None:
+            keep_workers = self.config.detached_workers
 
         if self.router is not None and self._loop is not None:
             try:
@@ -336,7 +424,7 @@ class LocalCluster:
                 self._thread.join(5)
             self._loop = None
         actors = [*self.prefill.values(), *self.decode.values()]
-        if actors and ray.is_initialized():
+        if actors and ray.is_initialized() and not keep_workers:
             try:
                 ray.get([a.shutdown.remote() for a in actors], timeout=10)
             except Exception:  # a dead worker has nothing to shut down

@@ -275,6 +275,26 @@ def test_cancel_mid_stream_frees_blocks_on_both_sides(cluster22):
     assert metrics.get_sample_value("pdserve:requests_cancelled_total") >= 1
 
 
+def test_adopting_workers_aborts_what_the_previous_router_left_in_flight(cluster22):
+    """What a restarted router does to detached workers (tests/test_router_restart.py runs
+    the whole restart): a request mid-decode is aborted and every block comes back."""
+    import ray
+
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    with GenerateClient(cluster22.address) as client:
+        call = client.stream(build_generate_request(token_ids=list(range(5, 60)), sampling=long))
+        first = next(call)
+        workers = [*cluster22.prefill.values(), *cluster22.decode.values()]
+        held = [ray.get(w.check_integrity.remote())["requests"] for w in workers]
+        assert any(held)  # the request is still decoding somewhere
+        infos = ray.get([w.adopt.remote() for w in workers])
+        assert {i["worker_id"] for i in infos} == set(cluster22.prefill) | set(cluster22.decode)
+        rest = list(call)
+        assert rest[-1].final.finish_reason == "abort"
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) < 400
+    wait_idle(cluster22, timeout_s=2)
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"token_ids": []}, "token_ids"),
     ({"token_ids": [1, 2, 10**6]}, "vocabulary"),
