@@ -14,6 +14,15 @@ error handling with UCX's defaults: what a plain ucxx endpoint gets, TCP only), 
 
     python bench/kv_transfer.py --blocks 64 256 1024 --out bench/out/kv_transfer.json
 
+`--tp` compares prefill TP2 -> decode TP1 with TP1 -> TP1 for the same bytes (tcp and ucx by
+default): two sender processes, prefill ranks 0 and 1 holding 2 and 1 of the 3 KV heads in
+pools of 2 head slots (kv_transfer/tp_plan.py), each send their heads concurrently into one
+receiver expecting 2 sessions; both sides of those sessions stage (pack) the sliced heads,
+except rank 0's send, which is its whole region. Time: from handing the request to the
+sender processes to the receiver's report (same clock for both set-ups).
+
+    python bench/kv_transfer.py --tp --blocks 64 256 1024 --out bench/out/kv_transfer_tp.json
+
 Bandwidth = KV bytes / time from `sender.open` to the receiver's DONE (handshake included).
 ucx_perftest sends one buffer over and over: at small N that buffer stays in cache (it can
 beat the memcpy roof), while a transfer reads and writes N distinct blocks; read its small-N
@@ -47,7 +56,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kv_transfer import KVControl, KVLayout, KVPool, LocalHub, make_receiver, make_sender
+from engine.parallel import kv_head_shard, max_local_kv_heads
+from kv_transfer import (
+    HeadSlice,
+    KVControl,
+    KVLayout,
+    KVPool,
+    LocalHub,
+    available_transports,
+    make_receiver,
+    make_sender,
+    plan_head_routes,
+)
 from kv_transfer.ucx import SAFE_OPTIONS, UcxConfig
 
 LAYOUT = KVLayout("SmolLM2-135M-Instruct", torch.float32, block_size=16, num_layers=30,
@@ -65,6 +85,111 @@ def make_pool(num_blocks: int, seed: int) -> KVPool:
              LAYOUT.head_dim)
     g = torch.Generator().manual_seed(seed)
     return KVPool(torch.randn(shape, generator=g), torch.randn(shape, generator=g), LAYOUT)
+
+
+def rank_pool(num_blocks: int, tp: int, rank: int) -> tuple[KVPool, int]:
+    """Prefill rank `rank` of a TP `tp` worker: its heads of make_pool(seed=1) in slots
+    [0, owned) of a pool with max_local_kv_heads slots. Returns (pool, owned)."""
+    full = make_pool(num_blocks, seed=1)
+    if tp == 1:
+        return full, LAYOUT.num_kv_heads
+    first, owned = kv_head_shard(LAYOUT.num_kv_heads, tp, rank)
+    slots = max_local_kv_heads(LAYOUT.num_kv_heads, tp)
+    lay = KVLayout(LAYOUT.model_id, LAYOUT.dtype, LAYOUT.block_size, LAYOUT.num_layers, slots,
+                   LAYOUT.head_dim, rank, tp)
+    shape = (lay.num_layers, num_blocks, lay.block_size, slots, lay.head_dim)
+    k, v = torch.zeros(shape), torch.zeros(shape)
+    k[:, :, :, :owned] = full.k[:, :, :, first : first + owned]
+    v[:, :, :, :owned] = full.v[:, :, :, first : first + owned]
+    return KVPool(k, v, lay), owned
+
+
+def tp_sender_main(conn, num_blocks: int, tp: int, rank: int) -> None:
+    """Child process: one prefill rank; sends head slices (or whole blocks) on request."""
+    pool, owned = rank_pool(num_blocks, tp, rank)
+    senders = {}
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        kind, address, rid, src, dst, heads = msg
+        if kind not in senders:
+            senders[kind] = make_sender(kind, pool)
+        try:
+            senders[kind].send(address, KVControl(rid, len(src) * LAYOUT.block_size), src, dst,
+                               timeout_s=120, heads=None if heads is None else HeadSlice(*heads))
+            idx = torch.tensor(src)
+            conn.send(("ok", float(pool.k[:, idx, :, :owned].double().sum()
+                                   + pool.v[:, idx, :, :owned].double().sum())))
+        except Exception as e:  # noqa: BLE001  (report it, keep serving the benchmark)
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    for s in senders.values():
+        s.close()
+
+
+def bench_tp(kinds: list[str], sizes: list[int], repeat: int, scatter: bool) -> list[dict]:
+    """TP2 -> TP1 against TP1 -> TP1, same bytes, same receiver pool (see the module doc)."""
+    ctx, max_n = mp.get_context("spawn"), max(sizes)
+    procs, pipes = {}, {}
+    for tp, rank in ((1, 0), (2, 0), (2, 1)):
+        parent, child_end = ctx.Pipe()
+        procs[tp, rank] = ctx.Process(target=tp_sender_main, args=(child_end, max_n, tp, rank))
+        procs[tp, rank].start()
+        pipes[tp, rank] = parent
+    for parent in pipes.values():
+        assert parent.recv() == "ready"
+    rx_pool, rows = make_pool(max_n, seed=2), []
+    routes = {tp: plan_head_routes(LAYOUT.num_kv_heads, tp, 1) for tp in (1, 2)}
+
+    def once(rx, kind: str, tp: int, rid: str, src: list[int], dst: list[int]
+             ) -> tuple[float, bool]:
+        pending = rx.expect(rid, dst, timeout_s=120, num_senders=len(routes[tp]))
+        t0 = time.perf_counter()
+        for rt in routes[tp]:  # TP1: whole blocks (heads=None), today's path
+            heads = None if tp == 1 else (rt.src_head, rt.dst_head, rt.count)
+            pipes[tp, rt.src_rank].send((kind, rx.address, rid, src, dst, heads))
+        result = pending.wait(120)
+        elapsed = time.perf_counter() - t0
+        replies = [pipes[tp, rt.src_rank].recv() for rt in routes[tp]]
+        if result is None or not result.ok or any(status != "ok" for status, _ in replies):
+            raise RuntimeError(f"{rid}: {replies} / {result}")
+        want = sum(value for _, value in replies)
+        return elapsed, abs(checksum(rx_pool, dst) - want) < 1e-6 * max(1, abs(want))
+
+    try:
+        for kind in kinds:
+            rx = make_receiver(kind, rx_pool)
+            try:
+                for n in sizes:
+                    times: dict[int, list[float]] = {1: [], 2: []}
+                    correct = {1: True, 2: True}
+                    # The set-ups alternate run by run, so both see the same machine load.
+                    for r in range(repeat + 1):  # the first round warms up connections
+                        src, dst = block_ids(n, scatter, 1 + r), block_ids(n, scatter, 100 + r)
+                        for tp in (1, 2):
+                            elapsed, ok = once(rx, kind, tp, f"{kind}-tp{tp}-{n}-{r}", src,
+                                               dst)
+                            correct[tp] &= ok
+                            if r:
+                                times[tp].append(elapsed)
+                    for tp in (1, 2):
+                        rows.append({**row(kind, n, times[tp], correct[tp]),
+                                     "setup": f"tp{tp}->tp1", "sessions": len(routes[tp])})
+            finally:
+                rx.close()
+    finally:
+        for parent in pipes.values():
+            parent.send(None)
+        for proc in procs.values():
+            proc.join(60)
+    return rows
+
+
+def print_tp_table(rows: list[dict]) -> None:
+    print(f"{'transport':<10} {'setup':<10} {'blocks':>6} {'MB':>8} {'best GB/s':>10} "
+          f"{'median GB/s':>12} {'median ms':>10} ok")
+    for r in rows:
+        print(f"{r['transport']:<10} {r['setup']:<10} {r['blocks']:>6} {r['bytes'] / 1e6:>8.1f} "
+              f"{r['best_gbps']:>10.2f} {r['median_gbps']:>12.2f} "
+              f"{1e3 * statistics.median(r['times_s']):>10.2f} {r['correct']}")
 
 
 def block_ids(n: int, scatter: bool, seed: int) -> list[int]:
@@ -220,14 +345,22 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--transports", default="ucx,ucx-v1,ucx-fast,ucx-peer-plain,tcp,local")
+    ap.add_argument("--transports", default=None,
+                    help="default ucx,ucx-v1,ucx-fast,ucx-peer-plain,tcp,local (ucx,tcp with --tp)")
     ap.add_argument("--scatter", action="store_true",
                     help="shuffled block ids (one message per block) instead of one run")
     ap.add_argument("--no-thp", action="store_true", help="pools in 4 KiB pages")
-    ap.add_argument("--out", type=Path, default=Path("bench/out/kv_transfer.json"))
+    ap.add_argument("--tp", action="store_true",
+                    help="compare TP2 -> TP1 with TP1 -> TP1 (default transports ucx,tcp)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/out/kv_transfer.json (kv_transfer_tp.json with --tp)")
     args = ap.parse_args(argv)
     sizes, max_n = sorted(args.blocks), max(args.blocks)
-    kinds = args.transports.split(",")
+    if args.tp:
+        main_tp(args, sizes)
+        return
+    args.out = args.out or Path("bench/out/kv_transfer.json")
+    kinds = (args.transports or "ucx,ucx-v1,ucx-fast,ucx-peer-plain,tcp,local").split(",")
     rows: list[dict] = bench_memcpy(sizes, args.repeat, max_n)
     if "local" in kinds:  # before the child process exists: same-process copies only
         rows += bench_local(sizes, args.repeat, args.scatter, max_n)
@@ -269,6 +402,23 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "safe_ucx_options": SAFE_OPTIONS,
         "rows": rows, "ucx_perftest": perftest}, indent=2))
     print(f"wrote {args.out}")
+
+
+def main_tp(args: argparse.Namespace, sizes: list[int]) -> None:
+    kinds = [k for k in (args.transports or "ucx,tcp").split(",")
+             if k in ("ucx", "tcp") and k in available_transports()]
+    rows = bench_tp(kinds, sizes, args.repeat, args.scatter)
+    print_tp_table(rows)
+    out = args.out or Path("bench/out/kv_transfer_tp.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "layout": {"model": LAYOUT.model_id, "block_bytes": LAYOUT.block_bytes,
+                   "num_kv_heads": LAYOUT.num_kv_heads},
+        "routes_tp2_to_tp1": [vars(r) for r in plan_head_routes(LAYOUT.num_kv_heads, 2, 1)],
+        "scatter": args.scatter, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "load_avg": os.getloadavg(), "machine": platform.node(), "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 def print_table(rows: list[dict], perftest: dict) -> None:

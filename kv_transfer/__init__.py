@@ -6,6 +6,11 @@
     tx = make_sender("auto", pool)                          # prefill side
     tx.send(rx.address, KVControl(request_id, n_computed, (first_token,)), src_ids, dst_ids)
 
+Different prefill and decode TP sizes: every rank has its own pool, receiver and sender;
+`plan_head_routes` (tp_plan.py) says which prefill rank sends which heads to which decode
+rank, each route one session `tx.send(..., heads=route.heads)` into a receiver that expects
+`num_senders` of them.
+
 Transports: "ucx" (ucxx bindings; shared memory on one host, RDMA verbs across hosts where
 the UCX build has them), "tcp" (sockets), "local" (same process, needs a LocalHub). "auto"
 picks UCX where `ucxx` imports, else TCP, and logs the choice. Both ends of a transfer must use
@@ -16,10 +21,18 @@ from __future__ import annotations
 
 import logging
 
-from kv_transfer.header import HeaderError, KVHeader, KVLayout, KVLayoutMismatch, MsgKind
+from kv_transfer.header import (
+    HeaderError,
+    HeadSlice,
+    KVHeader,
+    KVLayout,
+    KVLayoutMismatch,
+    MsgKind,
+)
 from kv_transfer.local import LocalHub, LocalReceiver, LocalSender
 from kv_transfer.pool import KVPool
 from kv_transfer.tcp import TcpReceiver, TcpSender
+from kv_transfer.tp_plan import HeadRoute, plan_head_routes, routes_by_src, senders_per_dst
 from kv_transfer.transport import (
     KVControl,
     KVReceiver,
@@ -33,9 +46,10 @@ from kv_transfer.transport import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HeaderError", "KVControl", "KVHeader", "KVLayout", "KVLayoutMismatch", "KVPool",
-    "KVReceiver", "KVSender", "LocalHub", "MsgKind", "PendingTransfer", "SendSession",
-    "TransferError", "TransferResult", "available_transports", "make_receiver", "make_sender",
+    "HeadRoute", "HeadSlice", "HeaderError", "KVControl", "KVHeader", "KVLayout",
+    "KVLayoutMismatch", "KVPool", "KVReceiver", "KVSender", "LocalHub", "MsgKind",
+    "PendingTransfer", "SendSession", "TransferError", "TransferResult", "available_transports",
+    "make_receiver", "make_sender", "plan_head_routes", "routes_by_src", "senders_per_dst",
 ]
 
 

@@ -7,14 +7,20 @@ checks magic, version and both string lengths), reads the rest, then `KVHeader.d
 length is checked against a hard bound before anything is allocated, so a hostile or corrupt
 peer costs at most `MAX_HEADER_SIZE` bytes and a clean `HeaderError`.
 
-Fixed part (48 bytes):
+Fixed part (56 bytes, version 2):
     magic "PDKV" | version u16 | kind u8 | dtype code u8 | block_size u32 | num_layers u32 |
     num_kv_heads u32 | head_dim u32 | tp_rank u16 | tp_size u16 | layer u32 | num_blocks u32 |
-    payload_len u64 | model_id_len u16 | request_id_len u16
+    payload_len u64 | src_head u16 | dst_head u16 | head_count u16 | reserved u16 (0) |
+    model_id_len u16 | request_id_len u16
 then model_id bytes, request_id bytes, then `payload_len` bytes of payload (kind-specific).
+The head fields (version 2) carry a BEGIN's `HeadSlice`: head_count 0 means none (the whole
+pool, layouts must match exactly; then src_head and dst_head are 0 too); any other message
+kind carries none. Decoding is strict: bytes that decode re-encode to the same bytes.
 
-`KVLayout` describes one worker's KV pool; two pools can exchange blocks only when
+`KVLayout` describes one worker's KV pool; two pools can exchange whole blocks only when
 `check_compatible` passes (same model, dtype, block size, layer count, KV head layout, TP rank).
+A `HeadSlice` transfer (pools of different TP sizes, kv_transfer/tp_plan.py) moves `count`
+heads between pools that differ only in their head count and TP place (`HEAD_FIELDS`).
 Who reads what: the receiver checks the sender's layout before writing a byte; the sender reads
 the receiver's replies (kind, payload) only.
 """
@@ -28,9 +34,9 @@ from dataclasses import dataclass, fields
 import torch
 
 MAGIC = b"PDKV"
-VERSION = 1
-_FIXED = struct.Struct("!4sHBBIIIIHHIIQHH")
-FIXED_SIZE = _FIXED.size  # 48
+VERSION = 2
+_FIXED = struct.Struct("!4sHBBIIIIHHIIQHHHHHH")
+FIXED_SIZE = _FIXED.size  # 56
 
 # Hard bounds, checked before any allocation. Generous for real models, tiny for memory.
 MAX_MODEL_ID_LEN = 256
@@ -44,6 +50,8 @@ MAX_TP_SIZE = 1024
 MAX_BLOCKS = 1 << 24
 MAX_PAYLOAD = 1 << 40
 NO_LAYER = 0xFFFFFFFF
+# Layout fields a head-sliced transfer lets differ between the two pools.
+HEAD_FIELDS = ("num_kv_heads", "tp_rank", "tp_size")
 
 
 class HeaderError(ValueError):
@@ -62,7 +70,8 @@ class MsgKind(enum.IntEnum):
     """What follows the header. S = sender (prefill side), R = receiver (decode side)."""
 
     HELLO = 1  # S->R and R->S once per connection: payload = transport address (UCX) or empty
-    BEGIN = 2  # S->R: payload = src then dst block ids, int32 little-endian, num_blocks each
+    BEGIN = 2  # S->R: payload = src then dst block ids, int32 little-endian, num_blocks each;
+    #            header's head fields = the HeadSlice, if any
     ACCEPT = 3  # R->S: payload = u64 transfer slot (UCX tags derive from it)
     REFUSE = 4  # R->S: payload = u8 reason code + UTF-8 message
     LAYER = 5  # S->R (TCP): payload = K bytes then V bytes of `layer` for every block
@@ -127,13 +136,43 @@ class KVLayout:
         """Bytes of one block across all layers, K and V."""
         return 2 * self.num_layers * self.region_bytes
 
-    def check_compatible(self, other: KVLayout) -> None:
-        """Raise KVLayoutMismatch naming every field where `other` (the peer) differs."""
-        diffs = [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+    @property
+    def head_region_bytes(self) -> int:
+        """Bytes of one KV head of one (layer, block) region of K (or of V)."""
+        return self.block_size * self.head_dim * self.element_size
+
+    def check_compatible(self, other: KVLayout, ignore: tuple[str, ...] = ()) -> None:
+        """Raise KVLayoutMismatch naming every field where `other` (the peer) differs, except
+        those in `ignore` (a head-sliced transfer ignores HEAD_FIELDS)."""
+        diffs = [f.name for f in fields(self) if f.name not in ignore
+                 and getattr(self, f.name) != getattr(other, f.name)]
         if diffs:
             detail = "; ".join(f"{name}: this side has {getattr(self, name)!r}, "
                                f"the peer has {getattr(other, name)!r}" for name in diffs)
             raise KVLayoutMismatch(f"KV layout mismatch ({detail})", tuple(diffs))
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """Which KV heads one transfer session moves: heads [src_head, src_head + count) of every
+    (layer, block) region of the sender's pool into heads [dst_head, dst_head + count) of the
+    receiver's. Head indices are local pool slots (kv_transfer/tp_plan.py maps a model's KV
+    heads to them). Written by the sender into its BEGIN; read by the receiver's checks."""
+
+    src_head: int
+    dst_head: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (0 < self.count and 0 <= self.src_head and 0 <= self.dst_head
+                and self.src_head + self.count <= MAX_KV_HEADS
+                and self.dst_head + self.count <= MAX_KV_HEADS):
+            raise ValueError(f"head slice src {self.src_head} dst {self.dst_head} count "
+                             f"{self.count}: need count > 0 and heads in [0, {MAX_KV_HEADS}]")
+
+    @property
+    def dst_range(self) -> range:
+        return range(self.dst_head, self.dst_head + self.count)
 
 
 @dataclass(frozen=True)
@@ -144,6 +183,7 @@ class KVHeader:
     num_blocks: int = 0
     payload_len: int = 0
     layer: int = NO_LAYER
+    heads: HeadSlice | None = None  # BEGIN only: the heads this session moves
 
     def encode(self) -> bytes:
         lay = self.layout
@@ -154,10 +194,14 @@ class KVHeader:
         if not 0 <= self.num_blocks <= MAX_BLOCKS or not 0 <= self.payload_len <= MAX_PAYLOAD:
             raise HeaderError(f"num_blocks {self.num_blocks} or payload {self.payload_len} "
                               "out of bounds")
+        if self.heads is not None and self.kind != MsgKind.BEGIN:
+            raise HeaderError(f"a head slice rides on BEGIN only, not {self.kind.name}")
+        h = self.heads
+        src, dst, count = (h.src_head, h.dst_head, h.count) if h is not None else (0, 0, 0)
         fixed = _FIXED.pack(MAGIC, VERSION, int(self.kind), DTYPE_CODES[lay.dtype],
                             lay.block_size, lay.num_layers, lay.num_kv_heads, lay.head_dim,
                             lay.tp_rank, lay.tp_size, self.layer, self.num_blocks,
-                            self.payload_len, len(model), len(rid))
+                            self.payload_len, src, dst, count, 0, len(model), len(rid))
         return fixed + model + rid
 
     @staticmethod
@@ -185,7 +229,8 @@ class KVHeader:
         if len(buf) < size:
             raise HeaderError(f"header is {size} bytes, got {len(buf)}")
         (_, _, kind, dtype_code, block_size, num_layers, num_kv_heads, head_dim, tp_rank,
-         tp_size, layer, num_blocks, payload_len, model_len, _) = _FIXED.unpack_from(buf)
+         tp_size, layer, num_blocks, payload_len, src_head, dst_head, head_count, reserved,
+         model_len, _) = _FIXED.unpack_from(buf)
         try:
             kind = MsgKind(kind)
         except ValueError:
@@ -194,6 +239,7 @@ class KVHeader:
             raise HeaderError(f"unknown dtype code {dtype_code}")
         if num_blocks > MAX_BLOCKS or payload_len > MAX_PAYLOAD:
             raise HeaderError(f"num_blocks {num_blocks} or payload {payload_len} out of bounds")
+        heads = _decode_heads(kind, src_head, dst_head, head_count, reserved)
         raw = bytes(buf[FIXED_SIZE:size])
         try:
             model_id = raw[:model_len].decode()
@@ -205,4 +251,20 @@ class KVHeader:
                               num_kv_heads, head_dim, tp_rank, tp_size)
         except ValueError as e:
             raise HeaderError(f"invalid layout in header: {e}") from None
-        return cls(kind, layout, request_id, num_blocks, payload_len, layer)
+        return cls(kind, layout, request_id, num_blocks, payload_len, layer, heads)
+
+
+def _decode_heads(kind: MsgKind, src: int, dst: int, count: int, reserved: int
+                  ) -> HeadSlice | None:
+    if reserved:
+        raise HeaderError(f"reserved header field is {reserved}, not 0")
+    if count == 0:
+        if src or dst:
+            raise HeaderError(f"head slice of 0 heads with src {src} / dst {dst}")
+        return None
+    if kind != MsgKind.BEGIN:
+        raise HeaderError(f"{kind.name} carries a head slice (BEGIN only)")
+    try:
+        return HeadSlice(src, dst, count)
+    except ValueError as e:
+        raise HeaderError(f"invalid head slice in header: {e}") from None

@@ -7,7 +7,8 @@ run copies of the same bytes (it also materialises a gathered temporary).
 Receivers register on a `LocalHub` the caller owns (no module-level registry: two clusters in
 one process must not collide); addresses are "local://<name>". Copies run on the sender's
 thread under the pending transfer's lock, so a deadline the watchdog enforces stops further
-writes before the owner is told. Works across devices (copy_ moves the bytes).
+writes before the owner is told. Works across devices (copy_ moves the bytes). A head-sliced
+session copies strided views of the sliced heads directly (no staging: one copy either way).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import threading
 import time
 from collections.abc import Sequence
 
+from kv_transfer.header import HeadSlice
 from kv_transfer.pool import KVPool, paired_runs
 from kv_transfer.transport import (
+    QUIET_WAIT_S,
     KVControl,
     KVReceiver,
     KVSender,
-    PendingTransfer,
+    Part,
     ReceiverCore,
     Refused,
     SendSession,
@@ -79,11 +82,14 @@ class LocalReceiver(KVReceiver):
 
 
 class LocalSession(SendSession):
-    def __init__(self, sender: LocalSender, rx: LocalReceiver, pt: PendingTransfer,
+    def __init__(self, sender: LocalSender, rx: LocalReceiver, part: Part,
                  src: Sequence[int], dst: Sequence[int]):
-        self.request_id = pt.request_id
-        self._src_pool, self._rx, self._pt = sender.pool, rx, pt
+        self.request_id = part.pt.request_id
+        self._src_pool, self._rx, self._part, self._pt = sender.pool, rx, part, part.pt
         self._runs = paired_runs(src, dst)
+        first = 0 if part.heads is None else part.heads.src_head
+        self._src_heads = slice(first, first + len(part.dst_heads))
+        self._dst_heads = slice(part.dst_heads.start, part.dst_heads.stop)
         self._sent: set[int] = set()
         self._t0 = time.monotonic()
 
@@ -98,10 +104,12 @@ class LocalSession(SendSession):
         src, dst = self._src_pool, self._rx.pool
         with self._pt.lock:  # the watchdog cannot fail the transfer mid-copy
             self._live()
+            sh, dh = self._src_heads, self._dst_heads
             for a, b in ((src.k, dst.k), (src.v, dst.v)):
                 for run in self._runs:
-                    b[layer, run.dst : run.dst + run.count].copy_(
-                        a[layer, run.src : run.src + run.count])
+                    b[layer, run.dst : run.dst + run.count, :, dh].copy_(
+                        a[layer, run.src : run.src + run.count, :, sh])
+            dst.sync()
         self._sent.add(layer)
 
     def finish(self, control: KVControl) -> TransferResult:
@@ -109,16 +117,17 @@ class LocalSession(SendSession):
         if missing:
             self.abort(f"layers {sorted(missing)[:8]} never sent")
             raise TransferError(f"finish() before layers {sorted(missing)[:8]} were sent")
-        nbytes = len(self._pt.dst_block_ids) * self._src_pool.layout.block_bytes
         with self._pt.lock:
             self._live()
-        if not self._rx._core.finish(self._pt, ok=True, control=control, num_bytes=nbytes):
-            raise TransferError(f"transfer {self.request_id} failed: {self._pt.result.error}")
-        return TransferResult(self.request_id, True, control, None, nbytes,
+        if not self._rx._core.part_done(self._part, control):
+            result = self._pt.wait(QUIET_WAIT_S)
+            raise TransferError(f"transfer {self.request_id} failed: "
+                                f"{result.error if result else 'failed'}")
+        return TransferResult(self.request_id, True, control, None, self._part.num_bytes,
                               time.monotonic() - self._t0)
 
     def abort(self, reason: str) -> None:
-        self._rx._core.finish(self._pt, ok=False, error=f"sender aborted: {reason}")
+        self._rx._core.part_failed(self._part, f"sender aborted: {reason}")
 
 
 class LocalSender(KVSender):
@@ -127,12 +136,14 @@ class LocalSender(KVSender):
         self.hub = hub
 
     def open(self, address: str, request_id: str, src_block_ids: Sequence[int],
-             dst_block_ids: Sequence[int], timeout_s: float = 30.0) -> SendSession:
+             dst_block_ids: Sequence[int], timeout_s: float = 30.0,
+             heads: HeadSlice | None = None) -> SendSession:
         rx = self.hub.lookup(address)
         self.pool.check_ids(src_block_ids, "source")
+        self._check_heads(heads)
         try:
-            pt = rx._core.claim(self.pool.layout, request_id, list(src_block_ids),
-                                list(dst_block_ids), watchdog_fails_active=True)
+            part = rx._core.claim(self.pool.layout, request_id, list(src_block_ids),
+                                  list(dst_block_ids), heads, serialized=True)
         except Refused as e:
             raise refusal_error(e.code, str(e)) from None
-        return LocalSession(self, rx, pt, src_block_ids, dst_block_ids)
+        return LocalSession(self, rx, part, src_block_ids, dst_block_ids)

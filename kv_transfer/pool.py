@@ -6,6 +6,14 @@ engine/model_runner.py); one (layer, block) region is contiguous, and so is a ru
 consecutive block ids within one layer. Transports move runs, never gathered copies: `run()`
 returns a uint8 view that aliases the pool memory, so a socket `recv_into` or a UCX receive
 writes straight into the pool.
+
+A head-sliced transfer (some of a region's heads: pools of different TP sizes) is strided in
+memory, [block_size, heads, head_dim] out of [block_size, num_kv_heads, head_dim]. The side
+whose slice is not the whole region packs it: `gather_heads` copies one layer's slice of
+every block into a staging tensor [2 (K, V), blocks, block_size, heads, head_dim], and
+`scatter_heads` copies one back. Packed, the bytes are in the same order as whole regions (K
+of every block in list order, then V), so a side whose slice is the whole region still moves
+it zero-copy while the other side stages.
 """
 
 from __future__ import annotations
@@ -83,10 +91,15 @@ class KVPool:
         """The pool of an `engine.engine.LLMEngine` (its runner's k_cache / v_cache). The model
         id defaults to the engine's configured model (name or path): pass a stable name where
         prefill and decode workers load the same checkpoint from different paths."""
-        runner, cfg = engine.runner, engine.config
+        return cls.from_runner(engine.runner, engine.config, model_id)
+
+    @classmethod
+    def from_runner(cls, runner, config, model_id: str | None = None) -> KVPool:
+        """The pool of an `engine.model_runner.ModelRunner` built from EngineConfig `config`
+        (a TP follower rank has a runner but no LLMEngine)."""
         k = runner.k_cache
-        layout = KVLayout(model_id or str(cfg.model), k.dtype, cfg.block_size, k.shape[0],
-                          k.shape[3], k.shape[4], cfg.tp_rank, cfg.tp_size)
+        layout = KVLayout(model_id or str(config.model), k.dtype, config.block_size,
+                          k.shape[0], k.shape[3], k.shape[4], config.tp_rank, config.tp_size)
         return cls(runner.k_cache, runner.v_cache, layout)
 
     @property
@@ -109,6 +122,42 @@ class KVPool:
         on CUDA pools this is what UCX gets (it exposes __cuda_array_interface__)."""
         src = self.k_bytes if kv == 0 else self.v_bytes
         return src[layer, start : start + count].view(-1)
+
+    def staging(self, num_blocks: int, num_heads: int, device: torch.device | str | None = None,
+                layers: int | None = None) -> torch.Tensor:
+        """A packed staging tensor for `num_heads` heads of `num_blocks` blocks:
+        [2, blocks, block_size, heads, head_dim], with a leading layer dim if `layers`."""
+        lay = self.layout
+        shape = (2, num_blocks, lay.block_size, num_heads, lay.head_dim)
+        return torch.empty(((layers,) if layers else ()) + shape, dtype=lay.dtype,
+                           device=self.device if device is None else device)
+
+    def gather_heads(self, layer: int, ids: Sequence[int], heads: range,
+                     out: torch.Tensor) -> None:
+        """out[kv, i] = head slots `heads` of block ids[i] of `layer` (K: kv=0, V: kv=1)."""
+        i = 0
+        for r in runs(ids):
+            for kv, t in enumerate((self.k, self.v)):
+                out[kv, i : i + r.count].copy_(
+                    t[layer, r.src : r.src + r.count, :, heads.start : heads.stop])
+            i += r.count
+
+    def scatter_heads(self, layer: int, ids: Sequence[int], heads: range,
+                      stage: torch.Tensor) -> None:
+        """Head slots `heads` of block ids[i] of `layer` = stage[kv, i]; waits for the copy
+        (on CUDA) so that nothing lands later."""
+        i = 0
+        for r in runs(ids):
+            for kv, t in enumerate((self.k, self.v)):
+                t[layer, r.src : r.src + r.count, :, heads.start : heads.stop].copy_(
+                    stage[kv, i : i + r.count])
+            i += r.count
+        self.sync()
+
+    def sync(self) -> None:
+        """Wait for queued device copies into or out of the pool (no-op on host pools)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def run(self, kv: int, layer: int, start: int, count: int):
         """Host buffer (numpy uint8, 1-D) aliasing a run: for sockets and host UCX transfers.

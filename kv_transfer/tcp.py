@@ -11,13 +11,18 @@ A connection carries one transfer at a time and is reused by the sender afterwar
 Receiving: each LAYER payload is read with `recv_into` directly into memoryviews of the
 destination pool's contiguous runs (consecutive destination ids share one view). Sending: one
 `sendmsg` scatter-gather call over views of the source runs. No Python-side concatenation.
+Head-sliced sessions (BEGIN carries a HeadSlice): a LAYER payload is the slice's heads packed
+per block (pool.py); a side whose slice is not its whole region gathers one layer into a
+staging tensor before `sendmsg`, or receives one layer into one and scatters it into the pool.
 
 Threads, not asyncio: the blocking `recv_into`/`sendmsg` calls release the GIL and write where
 the bytes belong, a decode worker has a handful of prefill peers (one thread each), and the
 engine that owns the pool is synchronous: an event loop would add a hop per chunk and a loop
 for the engine to host, for no gain. Deadlines are socket timeouts computed from the pending
 transfer's deadline, so the thread that writes into the pool is the one that stops writing
-before the owner hears of a failure.
+before the owner hears of a failure. When another session of the same request fails (or the
+owner cancels), the transfer wakes this one by shutting its socket down (`_wake`); the thread
+falls out of its read and reports, and only then is the owner told.
 
 Host pools only move zero-copy; a CUDA pool is staged through host memory (one copy each side).
 """
@@ -35,17 +40,19 @@ from dataclasses import dataclass, field
 import torch
 
 from kv_transfer.auth import AuthFailed, authenticate_receiver, authenticate_sender
-from kv_transfer.header import HeaderError, KVHeader, MsgKind
+from kv_transfer.header import HeaderError, HeadSlice, KVHeader, MsgKind
 from kv_transfer.pool import KVPool, Run, runs
 from kv_transfer.transport import (
     MAX_OUTPUT_TOKENS,
     KVControl,
     KVReceiver,
     KVSender,
+    Part,
     PendingTransfer,
     ReceiverCore,
     Refused,
     SendSession,
+    State,
     TransferError,
     TransferResult,
     check_layer,
@@ -69,12 +76,21 @@ log = logging.getLogger(__name__)
 
 _SMALL = 64 * 1024  # bound on control payloads (HELLO address, reasons, control message)
 _SOCK_BUF = 4 << 20
+_CHUNK = 4 << 20  # staged receives re-arm the deadline per chunk
 
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+def _arm(conn: Conn, inc: Incoming) -> None:
+    """Socket timeout = what is left of the transfer's deadline."""
+    remaining = inc.pt.remaining
+    if remaining <= 0:
+        raise TimeoutError("deadline passed mid-layer")
+    conn.sock.settimeout(remaining)
 
 
 @dataclass(eq=False)
@@ -85,24 +101,44 @@ class Conn:
     peer: str
     extra: dict = field(default_factory=dict)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Wake any thread blocked on the socket (its reads return EOF); any thread may."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.shutdown()
         self.sock.close()
 
 
 @dataclass(eq=False)
 class Incoming:
-    """Receiver-side state of the transfer a connection is carrying."""
+    """Receiver-side state of the transfer (session) a connection is carrying."""
 
-    pt: PendingTransfer
+    part: Part
     src: list[int]
     dst: list[int]
     slot: int
     layers: set[int] = field(default_factory=set)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def pt(self) -> PendingTransfer:
+        return self.part.pt
+
+    @property
+    def heads(self) -> range:
+        """Destination head slots written."""
+        return self.part.dst_heads
+
+    def whole(self, pool: KVPool) -> bool:
+        """The session writes whole regions: zero-copy into the pool."""
+        return len(self.part.dst_heads) == pool.layout.num_kv_heads
+
+    def layer_bytes(self, pool: KVPool) -> int:
+        return 2 * len(self.dst) * len(self.part.dst_heads) * pool.layout.head_region_bytes
 
 
 class TcpReceiver(KVReceiver):
@@ -134,19 +170,33 @@ class TcpReceiver(KVReceiver):
     def _prepare(self, conn: Conn, inc: Incoming) -> None:
         """After ACCEPT is decided, before it is sent (UCX posts its receives here)."""
 
+    def _wake(self, conn: Conn) -> None:
+        """Another session of the transfer failed: make this connection's thread stop writing
+        and report (it reads EOF at once)."""
+        conn.shutdown()
+
     def _recv_layer(self, conn: Conn, inc: Incoming, header: KVHeader) -> None:
-        lay = self.pool.layout
-        expected = 2 * len(inc.dst) * lay.region_bytes
+        expected = inc.layer_bytes(self.pool)
         if header.payload_len != expected:
             raise HeaderError(f"LAYER payload {header.payload_len} bytes, expected {expected}")
+        if not inc.whole(self.pool):
+            self._recv_staged(conn, inc, header.layer)
+            return
         for kv in (0, 1):
             for run in runs(inc.dst):
-                # Re-arm per run so a trickling sender cannot stretch the deadline.
-                remaining = inc.pt.remaining
-                if remaining <= 0:
-                    raise TimeoutError("deadline passed mid-layer")
-                conn.sock.settimeout(remaining)
+                _arm(conn, inc)  # per run, so a trickling sender cannot stretch the deadline
                 self._recv_run(conn.sock, kv, header.layer, run)
+
+    def _recv_staged(self, conn: Conn, inc: Incoming, layer: int) -> None:
+        """One layer of a head slice: into the session's staging tensor, then its heads."""
+        stage = inc.extra.get("stage")
+        if stage is None:
+            stage = inc.extra["stage"] = self.pool.staging(len(inc.dst), len(inc.heads), "cpu")
+        view = memoryview(stage.view(-1).view(torch.uint8).numpy())
+        for at in range(0, view.nbytes, _CHUNK):
+            _arm(conn, inc)
+            recv_into_exact(conn.sock, view[at : at + _CHUNK])
+        self.pool.scatter_heads(layer, inc.dst, inc.heads, stage)
 
     def _recv_run(self, sock: socket.socket, kv: int, layer: int, run: Run) -> None:
         if self.pool.device.type == "cpu":
@@ -226,45 +276,48 @@ class TcpReceiver(KVReceiver):
         src, dst = decode_ids(payload, begin.num_blocks)
         lay = self.pool.layout
         try:
-            pt = self._core.claim(begin.layout, begin.request_id, src, dst)
+            part = self._core.claim(begin.layout, begin.request_id, src, dst, begin.heads,
+                                    wake=lambda: self._wake(conn))
         except Refused as e:
             send_message(conn.sock, MsgKind.REFUSE, lay, begin.request_id,
                          encode_refusal(e.code, str(e)))
             return True
-        inc = Incoming(pt, src, dst, next(self._slots))
+        inc = Incoming(part, src, dst, next(self._slots))
+        pt = part.pt
         try:
             self._prepare(conn, inc)
             send_message(conn.sock, MsgKind.ACCEPT, lay, pt.request_id,
                          inc.slot.to_bytes(8, "big"))
             control = self._receive(conn, inc)
-        except (OSError, HeaderError, TransferError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  (socket, protocol, deadline, a failed copy)
             reason = ("timed out waiting for the sender" if isinstance(e, TimeoutError)
                       else f"{type(e).__name__}: {e}")
             self._abandon(conn, inc)
-            self._core.finish(pt, ok=False, error=reason)
+            self._core.part_failed(part, reason)
             try:
                 conn.sock.settimeout(1.0)
-                send_message(conn.sock, MsgKind.FAILED, lay, pt.request_id, reason.encode())
+                send_message(conn.sock, MsgKind.FAILED, lay, pt.request_id,
+                             (pt.stop_reason or reason).encode())
             except OSError:
                 pass
             return False  # mid-message: the stream cannot be trusted any more
         if control is None:  # the sender aborted cleanly; the stream is intact
             return True
-        nbytes = len(dst) * lay.block_bytes
-        if self._core.finish(pt, ok=True, control=control, num_bytes=nbytes):
+        if self._core.part_done(part, control):
             send_message(conn.sock, MsgKind.DONE, lay, pt.request_id)
-        else:  # failed meanwhile (owner cancelled): tell the sender
+        else:  # failed meanwhile (owner cancelled, another session failed): tell the sender
+            result = pt.wait(1.0)
             send_message(conn.sock, MsgKind.FAILED, lay, pt.request_id,
-                         (pt.result.error or "failed").encode())
+                         ((result.error if result else None) or "failed").encode())
         return True
 
     def _receive(self, conn: Conn, inc: Incoming) -> KVControl | None:
         """Read LAYER... END (or ABORT) within the deadline. Returns the control message, or
         None if the sender aborted (the transfer is failed here)."""
-        pt, lay = inc.pt, self.pool.layout
+        pt, lay = inc.pt, inc.part.layout
         while True:
-            if pt.cancel_requested:
-                raise TransferError("cancelled by the owner")
+            if pt.stop_reason is not None or pt.state != State.ACTIVE:
+                raise TransferError(pt.stop_reason or f"the transfer is {pt.state.value}")
             remaining = pt.remaining
             if remaining <= 0:
                 raise TimeoutError("deadline passed")
@@ -285,7 +338,7 @@ class TcpReceiver(KVReceiver):
             elif header.kind == MsgKind.ABORT:
                 reason = read_payload(conn.sock, header, _SMALL).decode(errors="replace")
                 self._abandon(conn, inc)
-                self._core.finish(pt, ok=False, error=f"sender aborted: {reason}")
+                self._core.part_failed(inc.part, f"sender aborted: {reason}")
                 return None
             else:
                 raise HeaderError(f"unexpected {header.kind.name} during a transfer")
@@ -302,10 +355,16 @@ class TcpReceiver(KVReceiver):
 
 class TcpSession(SendSession):
     def __init__(self, sender: TcpSender, conn: Conn, address: str, request_id: str,
-                 src: list[int], dst: list[int], slot: int, deadline: float):
+                 src: list[int], dst: list[int], slot: int, deadline: float,
+                 heads: HeadSlice | None = None):
         self.request_id = request_id
         self._sender, self._conn, self._address = sender, conn, address
         self.src, self.dst, self.slot, self.deadline = src, dst, slot, deadline
+        lay = sender.pool.layout
+        first, count = (0, lay.num_kv_heads) if heads is None else (heads.src_head, heads.count)
+        self.heads = range(first, first + count)  # source head slots read
+        self.whole = count == lay.num_kv_heads  # whole regions: zero-copy from the pool
+        self.layer_bytes = 2 * len(src) * count * lay.head_region_bytes
         self._sent: set[int] = set()
         self._t0 = time.monotonic()
         self._over = False
@@ -353,7 +412,7 @@ class TcpSession(SendSession):
         self._over = True
         if header.kind == MsgKind.DONE:
             self._sender._release(self._address, self._conn)
-            nbytes = len(self.dst) * lay.block_bytes
+            nbytes = lay.num_layers * self.layer_bytes
             return TransferResult(self.request_id, True, control, None, nbytes,
                                   time.monotonic() - self._t0)
         self._sender._discard(self._conn)
@@ -405,8 +464,16 @@ class TcpSender(KVSender):
     def _send_layer_data(self, session: TcpSession, layer: int) -> None:
         lay = self.pool.layout
         header = KVHeader(MsgKind.LAYER, lay, session.request_id, len(session.src),
-                          2 * len(session.src) * lay.region_bytes, layer)
-        bufs = [self._src_run(kv, layer, run) for kv in (0, 1) for run in runs(session.src)]
+                          session.layer_bytes, layer)
+        if session.whole:
+            bufs = [self._src_run(kv, layer, run) for kv in (0, 1) for run in runs(session.src)]
+        else:  # a head slice: pack this layer's heads (the stage is reused layer to layer)
+            stage = session.extra.get("stage")
+            if stage is None:
+                stage = session.extra["stage"] = self.pool.staging(
+                    len(session.src), len(session.heads), "cpu")
+            self.pool.gather_heads(layer, session.src, session.heads, stage)
+            bufs = [stage.view(-1).view(torch.uint8).numpy()]
         sendmsg_all(session._conn.sock, [header.encode(), *bufs])
 
     def _src_run(self, kv: int, layer: int, run: Run):
@@ -464,11 +531,13 @@ class TcpSender(KVSender):
         self._release(address, self._connect(address))
 
     def open(self, address: str, request_id: str, src_block_ids: Sequence[int],
-             dst_block_ids: Sequence[int], timeout_s: float = 30.0) -> SendSession:
+             dst_block_ids: Sequence[int], timeout_s: float = 30.0,
+             heads: HeadSlice | None = None) -> SendSession:
         src, dst = [int(i) for i in src_block_ids], [int(i) for i in dst_block_ids]
         self.pool.check_ids(src, "source")
         if len(src) != len(dst) or not src:
             raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
+        self._check_heads(heads)
         deadline = time.monotonic() + timeout_s
         pooled = self._take(address)
         for conn in ([pooled] if pooled else []) + [None]:
@@ -476,7 +545,7 @@ class TcpSender(KVSender):
             try:
                 conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 send_message(conn.sock, MsgKind.BEGIN, self.pool.layout, request_id,
-                             encode_ids(src, dst), num_blocks=len(src))
+                             encode_ids(src, dst), num_blocks=len(src), heads=heads)
                 header, payload = read_message(conn.sock, _SMALL)
                 break
             except (OSError, HeaderError) as e:
@@ -491,7 +560,7 @@ class TcpSender(KVSender):
             self._discard(conn)
             raise TransferError(f"receiver answered BEGIN with {header.kind.name}")
         return self.session_cls(self, conn, address, request_id, src, dst,
-                                int.from_bytes(payload, "big"), deadline)
+                                int.from_bytes(payload, "big"), deadline, heads)
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,15 @@ and V, directly into views of its pool, then sends ACCEPT with a fresh slot numb
 slot << 32 | message index, so transfers never cross. `send_layer` posts the matching
 `tag_send`s from views of the sender's pool (host numpy views, or CUDA tensors by
 `__cuda_array_interface__`; untested here, no GPU) and returns; `finish` waits for them, sends END, and the receiver
-answers DONE once its receives have completed. Nothing is staged or concatenated in Python.
+answers DONE once its receives have completed. Nothing is staged or concatenated in Python
+for whole-region sessions.
+
+Head-sliced sessions (pool.py): message boundaries stay the paired runs, and a side whose
+slice is not its whole region stages. The sender gathers each layer into its own staging
+tensor at `send_layer` and sends from it (kept until `finish`: the sends are asynchronous);
+the receiver posts its receives into one staging tensor for every layer of the session
+(layers may arrive in any order) and scatters it into the pool once all have landed, at END.
+So a staged receive holds the session's bytes once more until END.
 
 Why a TCP control socket instead of ucxx's listener/`create_endpoint`:
 - UCX's client-server (sockaddr) connection establishment only wires up network transports:
@@ -39,7 +47,10 @@ same settings in brackets:
 - Huge pages matter for CMA: with torch's default 4 KiB pages the CMA path measured 4-6 GB/s;
   with THP_MEM_ALLOC_ENABLE=1 (torch allocates large tensors on 2 MiB pages) 10.5 GB/s.
   Worker processes should allocate the KV pool that way.
-- Progress thread in blocking (epoll) mode; polling mode was slower on 2 cores.
+- Progress thread in blocking (epoll) mode; polling mode was slower on 2 cores. The thread
+  also wakes every `epoll_timeout_ms` (1 ms): without it, two senders streaming layer by
+  layer into one receiver at once left one sender's sends waiting ~20 s for a missed wakeup
+  (UCX keepalive; rapidsai/ucxx#15), in every run; with it, no stall (bench: `--tp`).
 - Across hosts (RDMA): UCX picks rc/dc verbs (zero-copy RDMA, with peer-failure support) when
   its build has them. The `libucx-cu12` wheel is configured `--without-verbs --without-rdmacm`
   (see `ucx_info -v`), so RDMA needs a system UCX built with verbs (MOFED/HPC-X or the
@@ -65,6 +76,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from kv_transfer.header import HeaderError, KVHeader
 from kv_transfer.pool import KVPool, Run, paired_runs
@@ -86,6 +98,11 @@ class UcxConfig:
     error_handling: bool = True  # PEER mode: a dead peer fails the endpoint, not the process
     options: dict[str, str] | None = None  # None: SAFE_OPTIONS with error handling, else none
     polling: bool = False  # progress thread busy-polls (lower latency, burns a core)
+    # Blocking mode: the progress thread also wakes after this many ms without an event (-1:
+    # never). UCX's wakeup can be missed, and then a send waits for the next keepalive, ~20 s
+    # (rapidsai/ucxx#15): measured here with two senders streaming layers into one receiver
+    # at once, every time. 1 ms bounds that; it costs an idle worker ~2% of a core.
+    epoll_timeout_ms: int = 1
 
     def context_options(self) -> dict[str, str]:
         opts = dict(SAFE_OPTIONS if self.error_handling else {}) if self.options is None \
@@ -106,7 +123,8 @@ class _Ucx:
             config_dict=config.context_options(),
             feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
         self.worker = ucx_api.UCXWorker(self.ctx)
-        self.worker.start_progress_thread(polling_mode=config.polling)
+        self.worker.start_progress_thread(polling_mode=config.polling,
+                                          epoll_timeout=config.epoll_timeout_ms)
         self.address = self.worker.address.tobytes()
         self._stopped = False
         log.info("%s: UCX context up (error handling %s, options %s)", name,
@@ -122,6 +140,11 @@ class _Ucx:
         if pool.device.type == "cpu":
             return self.Array(pool.run(kv, layer, start, count))
         return self.Array(pool.run_tensor(kv, layer, start, count))
+
+    def tensor(self, t: torch.Tensor):
+        """A UCX buffer over a contiguous tensor (staging), host or CUDA."""
+        flat = t.view(-1).view(torch.uint8)
+        return self.Array(flat.numpy() if flat.device.type == "cpu" else flat)
 
     def tag(self, slot: int, index: int):
         return self.api.UCXXTag((slot << 32) | index)
@@ -219,19 +242,29 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
                  name: str | None = None, config: UcxConfig | None = None,
                  secret: bytes | None = None):
         self._ucx = _Ucx(config or UcxConfig(), name or "ucx-rx")
+        self._orphans: list = []  # staging still posted to after a failure: kept alive
         super().__init__(pool, host, port, name, secret)
 
     def _prepare(self, conn: Conn, inc: Incoming) -> None:
         lay, ucx = self.pool.layout, self._ucx
         segs = paired_runs(inc.src, inc.dst)
         _messages(lay.num_layers, segs)
+        stage = None
+        if not inc.whole(self.pool):  # a head slice: every layer into staging, scatter at END
+            stage = inc.extra["stage"] = self.pool.staging(len(inc.dst), len(inc.heads),
+                                                           layers=lay.num_layers)
         ep = self._ep(conn)
         reqs, index = [], 0
         try:
             for layer in range(lay.num_layers):
                 for kv in (0, 1):
+                    at = 0
                     for seg in segs:
-                        buf = ucx.buffer(self.pool, kv, layer, seg.dst, seg.count)
+                        if stage is None:
+                            buf = ucx.buffer(self.pool, kv, layer, seg.dst, seg.count)
+                        else:
+                            buf = ucx.tensor(stage[layer, kv, at : at + seg.count])
+                        at += seg.count
                         reqs.append(ep.tag_recv(buf, ucx.tag(inc.slot, index)))
                         index += 1
         except Exception as e:
@@ -244,14 +277,26 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
 
     def _await_data(self, conn: Conn, inc: Incoming) -> None:
         _wait(inc.extra["reqs"], inc.pt.deadline, f"the KV of {inc.pt.request_id}")
+        stage = inc.extra.pop("stage", None)
+        if stage is not None:
+            for layer in range(self.pool.layout.num_layers):
+                self.pool.scatter_heads(layer, inc.dst, inc.heads, stage[layer])
+
+    def _wake(self, conn: Conn) -> None:
+        if (peer := _peer(conn)) is not None:
+            peer.close()  # cancels the receives still posted (the thread then reports)
+        conn.shutdown()
 
     def _abandon(self, conn: Conn, inc: Incoming) -> None:
         if (peer := _peer(conn)) is not None:
             peer.close()  # cancels the receives still posted into the pool
         deadline = time.monotonic() + 2.0
-        for r in inc.extra.get("reqs", ()):
+        reqs = inc.extra.get("reqs", ())
+        for r in reqs:
             while not r.completed and time.monotonic() < deadline:
                 time.sleep(1e-3)
+        if "stage" in inc.extra and not all(r.completed for r in reqs):
+            self._orphans.append(inc.extra["stage"])  # a receive may still land there
 
     def _drop(self, conn: Conn) -> None:
         if (peer := _peer(conn)) is not None:
@@ -292,11 +337,22 @@ class UcxSender(_UcxHandshake, TcpSender):
             session.extra["reqs"] = []
         reqs = session.extra["reqs"]
         index = layer * 2 * len(segs)
+        stage = None
+        if not session.whole:  # a head slice: pack this layer; it must live until finish
+            stage = self.pool.staging(len(session.src), len(session.heads))
+            self.pool.gather_heads(layer, session.src, session.heads, stage)
+            self.pool.sync()
+            session.extra.setdefault("stages", []).append(stage)
         try:
             ep = self._ep(session._conn)  # endpoint creation fails if the peer just died
             for kv in (0, 1):
+                at = 0
                 for seg in segs:
-                    buf = ucx.buffer(self.pool, kv, layer, seg.src, seg.count)
+                    if stage is None:
+                        buf = ucx.buffer(self.pool, kv, layer, seg.src, seg.count)
+                    else:
+                        buf = ucx.tensor(stage[kv, at : at + seg.count])
+                    at += seg.count
                     reqs.append(ep.tag_send(buf, ucx.tag(session.slot, index)))
                     index += 1
         except Exception as e:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kv_transfer.header import FIXED_SIZE, HeaderError, KVHeader, KVLayout, MsgKind
+from kv_transfer.header import FIXED_SIZE, HeaderError, HeadSlice, KVHeader, KVLayout, MsgKind
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_BATCH = 512
@@ -71,9 +71,10 @@ def read_message(sock: socket.socket, limit: int) -> tuple[KVHeader, bytes]:
 
 
 def send_message(sock: socket.socket, kind: MsgKind, layout: KVLayout, request_id: str = "",
-                 payload: bytes = b"", num_blocks: int = 0, layer: int | None = None) -> None:
+                 payload: bytes = b"", num_blocks: int = 0, layer: int | None = None,
+                 heads: HeadSlice | None = None) -> None:
     kw = {} if layer is None else {"layer": layer}
-    header = KVHeader(kind, layout, request_id, num_blocks, len(payload), **kw)
+    header = KVHeader(kind, layout, request_id, num_blocks, len(payload), heads=heads, **kw)
     sock.sendall(header.encode() + payload)
 
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import kv_transfer
 from kv_transfer import (
     HeaderError,
+    HeadSlice,
     KVControl,
     KVHeader,
     KVLayout,
@@ -97,6 +98,46 @@ def test_corrupted_headers_decode_or_fail_cleanly(flips):
     except HeaderError:
         return
     assert h.encode() == bytes(raw)[: KVHeader.total_size(raw)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 1023), st.integers(0, 1023), st.integers(1, 1024),
+       st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6))
+def test_begin_head_slice_round_trips_and_corrupts_cleanly(src, dst, count, flips):
+    try:
+        heads = HeadSlice(src, dst, count)
+    except ValueError:  # past MAX_KV_HEADS: cannot even be built
+        assume(False)
+    h = KVHeader(MsgKind.BEGIN, layout(tp_rank=1, tp_size=2), "r1", 4, 32, heads=heads)
+    raw = bytearray(h.encode())
+    assert KVHeader.decode(bytes(raw)) == h
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    try:
+        got = KVHeader.decode(bytes(raw))
+    except HeaderError:
+        return
+    assert got.encode() == bytes(raw)[: KVHeader.total_size(raw)]  # strict: no slack bits
+
+
+def test_head_fields_are_checked():
+    begin = KVHeader(MsgKind.BEGIN, layout(), "r1", heads=HeadSlice(1, 2, 3)).encode()
+    at = FIXED_SIZE - 12  # src_head, dst_head, head_count, reserved (u16 each)
+    assert struct.unpack_from("!HHHH", begin, at) == (1, 2, 3, 0)
+    for fields, match in [((1, 2, 3, 1), "reserved"), ((1, 0, 0, 0), "0 heads"),
+                          ((0, 1020, 5, 0), "invalid head slice")]:
+        raw = bytearray(begin)
+        struct.pack_into("!HHHH", raw, at, *fields)
+        with pytest.raises(HeaderError, match=match):
+            KVHeader.decode(bytes(raw))
+    layer = bytearray(KVHeader(MsgKind.LAYER, layout(), "r1", layer=0).encode())
+    struct.pack_into("!HHHH", layer, at, 0, 0, 1, 0)
+    with pytest.raises(HeaderError, match="BEGIN only"):
+        KVHeader.decode(bytes(layer))
+    with pytest.raises(HeaderError, match="BEGIN only"):
+        KVHeader(MsgKind.END, layout(), "r1", heads=HeadSlice(0, 0, 1)).encode()
+    with pytest.raises(ValueError):
+        HeadSlice(0, 0, 0)
 
 
 def test_oversized_lengths_refused_from_the_fixed_part():
