@@ -10,17 +10,27 @@ the finish reason and the decode time measured here.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import ray
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.worker_base import WorkerBase
 from engine.worker_spec import WorkerSpec, node_host
-from kv_transfer import KVPool, TransferResult, make_receiver
+from kv_transfer import (
+    KVPool,
+    TransferResult,
+    make_receiver,
+    plan_head_routes,
+    senders_per_dst,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +47,37 @@ class DecodeWorker(WorkerBase):
         log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.receiver.address,
                  self.transport, self.pool.num_blocks)
         self.kv_arrived: dict[str, float] = {}  # engine thread only
+        self.num_kv_heads = self.engine.model_config.num_kv_heads
+        # TP ranks 1..: each receives its own heads; rank 0 commits once all have landed.
+        self.followers = list(spec.tp_followers)
+        self.addresses = [self.receiver.address] + [
+            info["address"] for info in ray.get([f.ready.remote() for f in self.followers],
+                                                timeout=600)]
         self._start_loop()
 
     # ---- actor methods ---------------------------------------------------------------------
 
     def _ready_extra(self) -> dict[str, Any]:
-        return {"transport": self.transport, "address": self.receiver.address}
+        return {"transport": self.transport, "address": self.receiver.address,
+                "addresses": self.addresses, "tp_size": self.spec.tp_size}
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      sampling: dict[str, Any], timeout_s: float | None = None
-                      ) -> dict[str, Any]:
-        """Reserve blocks for the prompt's KV. Returns {address, block_ids, free_blocks,
+                      sampling: dict[str, Any], timeout_s: float | None = None,
+                      src_tp: int = 1) -> dict[str, Any]:
+        """Reserve blocks for the prompt's KV, to come from a prefill worker of TP size
+        src_tp. Returns {addresses (receivers by TP rank), block_ids, free_blocks,
         num_running}, or {error: "no_kv_space" | message, ...} (nothing is held then)."""
         self._open_stream(request_id)
         timeout = timeout_s or self.spec.kv_timeout_s
+        senders = senders_per_dst(plan_head_routes(self.num_kv_heads, src_tp,
+                                                   self.spec.tp_size), self.spec.tp_size)
+        on_done = self._on_rank0_transfer if self.followers else self._on_transfer
 
         def reserve(e: LLMEngine) -> list[int]:
             rid, ids = e.reserve_kv(prompt_token_ids, len(prompt_token_ids),
                                     SamplingParams(**sampling), request_id)
             try:
-                self.receiver.expect(rid, ids, self._on_transfer, timeout)
+                self.receiver.expect(rid, ids, on_done, timeout, senders[0])
             except Exception:
                 e.cancel_reservation(rid)
                 raise
@@ -71,7 +92,15 @@ class DecodeWorker(WorkerBase):
             log.warning("%s: reserve %s failed: %s", self.worker_id, request_id, e)
             self.streams.pop(request_id, None)
             return {"error": f"{type(e).__name__}: {e}", **self._load()}
-        return {"address": self.receiver.address, "block_ids": ids, **self._load()}
+        if self.followers:
+            try:
+                await asyncio.gather(*(f.expect_kv.remote(request_id, ids, n, timeout)
+                                       for f, n in zip(self.followers, senders[1:])))
+            except Exception as e:  # noqa: BLE001 - a dead rank: nothing may stay reserved
+                await self.abort(request_id)
+                self.streams.pop(request_id, None)
+                return {"error": f"a TP rank could not expect the KV: {e}", **self._load()}
+        return {"addresses": self.addresses, "block_ids": ids, **self._load()}
 
     async def stream(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
         """Deltas until the request ends; the last item has `finished` (or `error`)."""
@@ -102,6 +131,27 @@ class DecodeWorker(WorkerBase):
         super().shutdown()
 
     # ---- transport / engine threads --------------------------------------------------------
+
+    def _on_rank0_transfer(self, result: TransferResult) -> None:
+        """Under TP: rank 0's part landed (or failed); commit only once every rank's has."""
+        asyncio.run_coroutine_threadsafe(self._gather_ranks(result), self.aloop)
+
+    async def _gather_ranks(self, own: TransferResult) -> None:
+        rid = own.request_id
+        if own.ok:
+            replies = await asyncio.gather(*(f.kv_result.remote(rid) for f in self.followers),
+                                           return_exceptions=True)
+            errors = [f"{type(r).__name__}: {r}" if isinstance(r, BaseException)
+                      else r["error"] for r in replies
+                      if isinstance(r, BaseException) or not r["ok"]]
+            if not errors:
+                self._on_transfer(dataclasses.replace(
+                    own, num_bytes=own.num_bytes + sum(r["num_bytes"] for r in replies)))
+                return
+            own = dataclasses.replace(own, ok=False, error=f"a TP rank's part: {errors[0]}")
+        for f in self.followers:
+            f.cancel_kv.remote(rid)
+        self._on_transfer(own)
 
     def _on_transfer(self, result: TransferResult) -> None:
         rid = result.request_id

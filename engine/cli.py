@@ -62,6 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import threading
 
     from router.cluster import ClusterConfig, LocalCluster
+    from router.prefix_index import redact_url
     from router.server import RouterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}
@@ -84,6 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            http_port=None if http_port < 0 else http_port,
                            transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
+                           ray_auth_token_file=args.ray_auth_token_file,
                            pool_resources=args.pool_resources,
                            drain_grace_s=args.drain_grace_s,
                            worker_metrics_port=args.worker_metrics_port,
@@ -98,7 +100,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                else f"{args.prefill} prefill + {args.decode} decode")
     print(f"pdserve: starting {workers} workers ...", file=sys.stderr)
     with LocalCluster(config) as cluster:
-        index = "redis " + cluster.redis_url.rsplit("@", 1)[-1] if cluster.redis_url else \
+        index = "redis " + redact_url(cluster.redis_url) if cluster.redis_url else \
             "in process"
         print(f"pdserve: gRPC API on {cluster.address} (prefix index: {index})", file=sys.stderr)
         if cluster.router.http is not None:
@@ -130,9 +132,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     import ray
 
     from router.cluster import end_detached_workers
+    from router.ray_auth import ray_init
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=args.ray_address, namespace=args.namespace, logging_level=logging.WARNING)
+    ray_init(address=args.ray_address, namespace=args.namespace, logging_level=logging.WARNING,
+             auth_token_file=args.ray_auth_token_file)
     try:
         ended = end_detached_workers(args.namespace)
     finally:
@@ -220,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ray-address", default=None,
                     help="join this Ray cluster (e.g. ray://head:10001, or 'auto') instead of "
                          "starting one here")
+    up.add_argument("--ray-auth-token-file", default=None, metavar="FILE",
+                    help="the Ray cluster's token (it runs with RAY_AUTH_MODE=token), read from "
+                         "FILE and never printed (default: Ray's own $RAY_AUTH_TOKEN, "
+                         "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
     up.add_argument("--pool-resources", action="store_true",
                     help="place pools on Ray nodes advertising the custom resources "
                          "pdserve_prefill / pdserve_decode / pdserve_colocated (KubeRay)")
@@ -252,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="end the detached workers of `up --detached-workers`")
     down.add_argument("--ray-address", required=True)
+    down.add_argument("--ray-auth-token-file", default=None, metavar="FILE",
+                      help="the Ray cluster's token (it runs with RAY_AUTH_MODE=token), read from "
+                           "FILE and never printed (default: Ray's own $RAY_AUTH_TOKEN, "
+                           "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
     down.add_argument("--namespace", default="pdserve")
     down.set_defaults(func=cmd_down)
 

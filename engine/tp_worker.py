@@ -6,6 +6,11 @@ ranks 1..N-1 are TPFollowerWorker actors that hold their shards and run what ran
 (engine/tp_engine.py). All N join one torch.distributed group at `WorkerSpec.tp_init_method`,
 picked by the launcher with `rendezvous_address` on rank 0's node.
 
+KV transfer is rank to rank: a prefill follower ships the KV heads it holds to the decode
+ranks that own them (`plan_send`, then its step's layer hook), a decode follower receives its
+own heads (`expect_kv`, `kv_result`); rank 0 of each side drives them by Ray calls per request
+(prefill_worker/worker.py, decode_worker/worker.py).
+
 A group is replaced as a whole, never repaired: a rank whose group fails exits (the peers'
 collectives fail at once, so they exit too), the router sees rank 0 or a follower dead, kills
 the rest and asks the launcher for a fresh group (router/cluster.py).
@@ -13,16 +18,21 @@ the rest and asks the launcher for a fresh group (router/cluster.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from engine.config import EngineMode
 from engine.engine_loop import TP_FAILED_EXIT_CODE
+from engine.model_runner import StepInputs
 from engine.tp_engine import TPError, TPFollower
 from engine.worker_spec import WorkerSpec, node_host
+from kv_transfer import KVControl, KVPool, PendingTransfer, make_receiver, make_sender
+from prefill_worker.shipment import KVShipment, routes_for_rank
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +54,26 @@ class TPFollowerWorker:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
+        self.mode = EngineMode(mode)
         self.worker_id = f"{spec.worker_id}/tp{spec.tp_rank}"
-        config = spec.engine_config(EngineMode(mode))
-        self.follower = TPFollower(config, spec.join_tp_group(config.device))
+        config = spec.engine_config(self.mode)
+        self.follower = TPFollower(config, spec.join_tp_group(config.device),
+                                   self._layer_hook if self.mode == EngineMode.PREFILL else None)
+        runner = self.follower.runner
+        self.pool = KVPool.from_runner(runner, config, spec.model_id)
+        self.num_kv_heads = runner.cfg.num_kv_heads
+        self.receiver = self.sender = None
+        if self.mode == EngineMode.DECODE:
+            self.receiver = make_receiver(spec.transport, self.pool, host=node_host(),
+                                          secret=spec.cluster_secret)
+            self.pending: dict[str, PendingTransfer] = {}
+        elif self.mode == EngineMode.PREFILL:
+            self.sender = make_sender(spec.transport, self.pool, secret=spec.cluster_secret)
+            self._lock = threading.Lock()
+            self.shipments: dict[str, tuple[KVShipment, Future]] = {}
+            # Sessions finish off the stepping thread: a receiver confirms only once every
+            # rank's part has landed, and rank 0's needs a step this rank takes part in.
+            self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_id}-kv")
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"{self.worker_id}-tp",
                                         daemon=True)
@@ -65,9 +92,112 @@ class TPFollowerWorker:
 
     def ready(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "tp_rank": self.spec.tp_rank,
-                "num_blocks": self.follower.runner.num_blocks, "pid": os.getpid()}
+                "num_blocks": self.follower.runner.num_blocks, "pid": os.getpid(),
+                "address": self.receiver.address if self.receiver is not None else None}
 
     def alive(self) -> dict[str, Any]:
         """Heartbeat: answered off the stepping thread (it may be blocked in a collective)."""
         return {"worker_id": self.worker_id, "steps": self.follower.steps,
                 "serving": not self.stopped.is_set()}
+
+    # ---- decode side: receive this rank's heads ------------------------------------------
+
+    def expect_kv(self, request_id: str, block_ids: list[int], num_senders: int,
+                  timeout_s: float) -> None:
+        self.pending[request_id] = self.receiver.expect(request_id, block_ids, None, timeout_s,
+                                                        num_senders)
+
+    async def kv_result(self, request_id: str) -> dict[str, Any]:
+        """This rank's part of a transfer, once it is over (ok, failed, cancelled or timed
+        out: the receiver reports by its deadline)."""
+        pending = self.pending.get(request_id)
+        if pending is None:
+            return {"ok": False, "error": f"{self.worker_id}: no transfer {request_id} expected"}
+        result = await asyncio.to_thread(pending.wait, pending.remaining + 5.0)
+        self.pending.pop(request_id, None)
+        if result is None:
+            self.receiver.cancel(request_id)
+            return {"ok": False, "error": f"{self.worker_id}: no result by the deadline"}
+        return {"ok": result.ok, "error": result.error, "num_bytes": result.num_bytes}
+
+    def cancel_kv(self, request_id: str) -> None:
+        self.receiver.cancel(request_id)
+        self.pending.pop(request_id, None)
+
+    # ---- prefill side: ship this rank's heads --------------------------------------------
+
+    def plan_send(self, request_id: str, dst_addresses: list[str],
+                  dst_block_ids: list[int]) -> None:
+        """Before rank 0 schedules the request: where this rank's heads go."""
+        routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, self.spec.tp_rank,
+                                 dst_addresses, len(dst_addresses))
+        shipment = KVShipment(self.sender, request_id, routes, list(dst_block_ids),
+                              self.spec.kv_timeout_s)
+        with self._lock:
+            self.shipments[request_id] = (shipment, Future())
+
+    def drop_send(self, request_id: str) -> None:
+        """Rank 0 gave up on the request (finished at prefill, aborted, failed)."""
+        with self._lock:
+            entry = self.shipments.pop(request_id, None)
+        if entry is not None:
+            entry[0].fail("dropped by rank 0")
+
+    async def send_result(self, request_id: str) -> dict[str, Any]:
+        with self._lock:
+            entry = self.shipments.get(request_id)
+        if entry is None:
+            return {"error": f"{self.worker_id}: no shipment for {request_id}"}
+        shipment, done = entry
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done), self.spec.kv_timeout_s)
+        except asyncio.TimeoutError:
+            shipment.fail("timed out")
+        with self._lock:
+            self.shipments.pop(request_id, None)
+        return {"error": shipment.error, "num_bytes": shipment.num_bytes}
+
+    def _layer_hook(self, inputs: StepInputs):
+        """Open the shipments of the prompts that complete in this step; send each layer as
+        it is written; finish them once the step's last layer is out."""
+        finishing = []
+        with self._lock:
+            for rid in inputs.sampled_request_ids:
+                entry = self.shipments.get(rid)
+                if entry is not None and not entry[0].opened:
+                    finishing.append((rid, *entry))
+        if not finishing:
+            return None
+        for rid, shipment, _ in finishing:
+            blocks, num_tokens = prefill_blocks(inputs, rid, self.pool.layout.block_size)
+            shipment.open(blocks)
+            shipment.num_computed_tokens = num_tokens
+        last = self.pool.layout.num_layers - 1
+
+        def on_layer(layer: int) -> None:
+            for _, shipment, _ in finishing:
+                shipment.send_layer(layer)
+            if layer == last:
+                for rid, shipment, done in finishing:
+                    control = KVControl(rid, shipment.num_computed_tokens)
+                    self._finisher.submit(_finish, shipment, control, done)
+        return on_layer
+
+
+def _finish(shipment: KVShipment, control: KVControl, done: Future) -> None:
+    try:
+        shipment.finish(control)
+    finally:
+        done.set_result(None)
+
+
+def prefill_blocks(inputs: StepInputs, request_id: str, block_size: int) -> tuple[list[int], int]:
+    """A prompt finishing in this step: its block ids and its length, from the broadcast
+    block table (the same ids on every rank)."""
+    index = inputs.request_ids.index(request_id)
+    meta = inputs.meta
+    if index >= meta.num_prefills:
+        raise ValueError(f"{request_id} is not a prefill of this step")
+    seq_len = int(meta.prefill_seq_lens[index])
+    num_blocks = -(-seq_len // block_size)
+    return meta.prefill_block_tables[index, :num_blocks].tolist(), seq_len

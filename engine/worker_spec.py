@@ -18,7 +18,9 @@ class WorkerSpec:
     model_id: str  # stable model name for KV headers: both sides must agree
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     transport: str = "auto"  # KV transport: ucx | tcp | local | auto
-    redis_url: str | None = None  # prefix index; None = the router keeps it in process
+    # Prefix index; None = the router keeps it in process. May hold a password and TLS file
+    # paths (router/prefix_index.py): kept out of repr, like the secret below.
+    redis_url: str | None = field(default=None, repr=False)
     heartbeat_s: float = 1.0  # index registration heartbeat
     ttl_s: float = 5.0  # index registration lifetime without heartbeats
     kv_timeout_s: float = 30.0  # a reservation not filled by then is freed
@@ -30,13 +32,14 @@ class WorkerSpec:
     model_source: str | None = None
     # KV connections between workers authenticate with it (kv_transfer/auth.py): only this
     # cluster's workers can write into or read from a pool. The launcher makes a fresh one.
-    cluster_secret: bytes | None = None
+    cluster_secret: bytes | None = field(default=None, repr=False)
     metrics_port: int = 0  # this worker's /metrics (0 = a free port; fixed on Kubernetes)
     # Tensor parallelism: this actor is rank tp_rank of a worker spanning tp_size actors, which
     # rendezvous at tp_init_method ("tcp://HOST:PORT", chosen by the launcher).
     tp_size: int = 1
     tp_rank: int = 0
     tp_init_method: str | None = None
+    tp_followers: list[Any] = field(default_factory=list)  # rank 0: actors of ranks 1..
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path

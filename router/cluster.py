@@ -32,6 +32,7 @@ from engine.default_model import resolve_model
 from engine.tokenizer import Tokenizer
 from engine.worker_spec import WorkerSpec
 from router.prefix_index import PrefixIndex, make_prefix_index, redact_url
+from router.ray_auth import ray_init
 from router.redis_local import start_redis_server, stop_redis_server
 from router.server import ModelInfo, Router, RouterConfig
 
@@ -44,7 +45,8 @@ class ClusterConfig:
     num_prefill: int = 1
     num_decode: int = 1
     num_colocated: int = 0  # > 0: the baseline, colocated workers only (prefill = decode = 0)
-    redis_url: str | None = None  # None: start a local redis-server if on PATH, else in process
+    # None: start a local redis-server if on PATH, else in process. May hold a password: no repr
+    redis_url: str | None = field(default=None, repr=False)
     start_redis: bool = True
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
@@ -56,6 +58,9 @@ class ClusterConfig:
     worker_num_cpus: float = 0.25
     worker_num_gpus: float = 0.0
     ray_address: str | None = None  # join this Ray cluster instead of starting one
+    # Ray token authentication (router/ray_auth.py): the token's file; None = Ray's own
+    # sources ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) when joining.
+    ray_auth_token_file: str | None = None
     # KubeRay: place each pool on its worker group, which advertises the custom resource
     # pdserve_prefill / pdserve_decode / pdserve_colocated (rayStartParams.resources).
     pool_resources: bool = False
@@ -100,9 +105,6 @@ class ClusterConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-        if self.prefill_tp > 1 or self.decode_tp > 1:
-            raise ConfigError("prefill_tp / decode_tp > 1 need rank-to-rank KV transfer, "
-                              "which is not wired into the pools yet; use colocated_tp")
 
     def tp_size(self, pool: str) -> int:
         return getattr(self, f"{pool}_tp")
@@ -192,10 +194,10 @@ class LocalCluster:
         log.info("prefix index: %s", redact_url(self.redis_url) if self.redis_url
                  else "in process")
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             n = (cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
                  + cfg.num_colocated * cfg.colocated_tp)
-            ray.init(address=cfg.ray_address, include_dashboard=False, namespace=cfg.namespace,
+            ray_init(address=cfg.ray_address, include_dashboard=False, namespace=cfg.namespace,
+                     auth_token_file=cfg.ray_auth_token_file,
                      num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
                                                                n * cfg.worker_num_cpus + 1),
                      logging_level=logging.WARNING, log_to_driver=True,
@@ -370,13 +372,13 @@ class LocalCluster:
             o.pop("resources", None)  # the bundle holds them
             return {**o, "max_restarts": 0, "scheduling_strategy": on(rank)}
 
-        rank0 = ray.remote(group.cls).options(**options(0)).remote(
-            self._spec(worker_id, 0, tp, init))
         group.followers = [
             ray.remote(TPFollowerWorker).options(**options(r)).remote(
                 self._spec(worker_id, r, tp, init), group.pool)
             for r in range(1, tp)]
-        return rank0
+        spec = self._spec(worker_id, 0, tp, init)
+        spec.tp_followers = list(group.followers)  # rank 0 drives their KV transfers
+        return ray.remote(group.cls).options(**options(0)).remote(spec)
 
     def replace_group(self, worker_id: str) -> tuple[Any, list[Any]]:
         """The router's call when a rank of a TP worker died: kill what is left of the group

@@ -38,6 +38,15 @@ The index is a hint (a stale entry costs a recompute, never a wrong answer). Deg
   reconnects on the next call, and a lapsed registration is rewritten by the heartbeat.
 - Connect/socket timeouts are short (0.3 s) and there is at most one immediate retry, so a
   call never blocks for long. The password (argument or URL) is never logged or repr'd.
+- A refusal is not an outage: wrong credentials or a failed TLS handshake are logged as an
+  error naming the fix, and `make_prefix_index` (the launcher's start-up) raises ConfigError
+  for them instead of starting degraded.
+
+TLS (rediss://): the settings ride in the URL's query string, so that the one URL a launcher
+hands every process (router, and each worker through WorkerSpec.redis_url) configures them
+all: `rediss://:PASSWORD@host:6380/0?ssl_ca_certs=/etc/ca.pem[&ssl_certfile=..&ssl_keyfile=..]`
+(`TLS_URL_OPTIONS`; the files must exist on every host that uses the URL). Keyword arguments
+override the URL's. Unknown query options are refused by name, never echoing values.
 
 Redis layout, all keys under the hash tag `{namespace}` so a Redis Cluster keeps them in one
 slot (the scripts touch keys they cannot declare up front):
@@ -53,14 +62,18 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from engine.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +149,22 @@ class PrefixIndex(ABC):
         return self.apply_events(worker_id, stored, removed)
 
 
-def make_prefix_index(url: str | None, **kwargs: Any) -> PrefixIndex:
-    """Redis index for a redis:// or rediss:// URL; the in-process one for None or ""."""
+def make_prefix_index(url: str | None, *, verify: bool = True, **kwargs: Any) -> PrefixIndex:
+    """Redis index for a redis:// or rediss:// URL; the in-process one for None or "".
+
+    `verify` asks Redis once (`RedisPrefixIndex.verify`): ConfigError when it refuses the
+    credentials or the TLS handshake; an unreachable Redis only degrades, as at any time.
+    """
     if not url:
         return InProcessPrefixIndex()
-    return RedisPrefixIndex(url, **kwargs)
+    index = RedisPrefixIndex(url, **kwargs)
+    if verify:
+        try:
+            index.verify()
+        except BaseException:
+            index.close()
+            raise
+    return index
 
 
 # ---- in process ----------------------------------------------------------------------------
@@ -393,16 +417,55 @@ return dropped
 """
 
 
+# TLS settings a rediss:// URL may carry in its query string (see the module docstring).
+TLS_URL_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+                   "ssl_check_hostname")
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_SECRET_QUERY_KEYS = ("password", "ssl_password")  # redact_url hides these too
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', for logs and repr."""
+    """The URL with any password (user info, or a password query option) replaced by '***',
+    for logs and repr."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k in _SECRET_QUERY_KEYS for k, _ in query):
+        parts = parts._replace(query=urlencode(
+            [(k, "***" if k in _SECRET_QUERY_KEYS else v) for k, v in query], safe="/*"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    return urlunsplit(parts)
+
+
+def _url_tls_options(url: str) -> tuple[str, dict[str, Any]]:
+    """Split the TLS_URL_OPTIONS off a Redis URL's query: (the rest of the URL, options).
+
+    Other query options pass through only when redis-py knows them (db, timeouts...); any
+    other name is refused, by name only (a value may be a secret).
+    """
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    unknown = sorted({k for k, _ in query
+                      if k not in TLS_URL_OPTIONS and k not in URL_QUERY_ARGUMENT_PARSERS})
+    if unknown:
+        raise ConfigError(f"prefix index URL: unknown query option(s) {', '.join(unknown)} "
+                          f"(TLS options: {', '.join(TLS_URL_OPTIONS)}; a password goes in "
+                          "the URL's user info: rediss://:PASSWORD@host:port/db)")
+    options: dict[str, Any] = {k: v for k, v in query if k in TLS_URL_OPTIONS}
+    if "ssl_check_hostname" in options:
+        value = options["ssl_check_hostname"].lower()
+        if value not in ("true", "false", "yes", "no", "1", "0"):
+            raise ConfigError(f"prefix index URL: ssl_check_hostname must be true or false, "
+                              f"got {options['ssl_check_hostname']!r}")
+        options["ssl_check_hostname"] = value in ("true", "yes", "1")
+    rest = urlencode([(k, v) for k, v in query if k not in TLS_URL_OPTIONS], safe="/")
+    return urlunsplit(parts._replace(query=rest)), options
 
 
 @dataclass(slots=True)
@@ -426,7 +489,8 @@ class RedisPrefixIndex(PrefixIndex):
     """The prefix index in Redis, shared by every router and worker of a cluster.
 
     `url`: redis://[user[:password]@]host:port/db, or rediss:// for TLS (then `ssl_ca_certs`,
-    `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` apply). `password` overrides the URL's.
+    `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs`, `ssl_check_hostname` apply, from these
+    arguments or the URL's query). `password` and the TLS arguments override the URL's.
     """
 
     MAX_ARGS_PER_CALL = 10_000  # hashes per script call, so one call never holds Redis long
@@ -441,7 +505,8 @@ class RedisPrefixIndex(PrefixIndex):
         ssl_ca_certs: str | None = None,
         ssl_certfile: str | None = None,
         ssl_keyfile: str | None = None,
-        ssl_cert_reqs: str = "required",
+        ssl_cert_reqs: str | None = None,
+        ssl_check_hostname: bool | None = None,
         timeouts: RedisTimeouts | None = None,
     ):
         import redis
@@ -449,19 +514,30 @@ class RedisPrefixIndex(PrefixIndex):
         from redis.retry import Retry
 
         if not namespace or "{" in namespace or "}" in namespace:
-            raise ValueError(f"namespace must be non-empty without braces, got {namespace!r}")
+            raise ConfigError(f"namespace must be non-empty without braces, got {namespace!r}")
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss"):
-            raise ValueError(f"prefix index URL must be redis:// or rediss://, got {scheme}://")
-        tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_certfile": ssl_certfile,
-               "ssl_keyfile": ssl_keyfile}
-        tls = {k: v for k, v in tls.items() if v is not None}
+            raise ConfigError(f"prefix index URL must be redis:// or rediss://, got {scheme}://")
+        self._redacted_url = redact_url(url)  # the URL as given, TLS options and all
+        url, tls = _url_tls_options(url)
+        given = {"ssl_ca_certs": ssl_ca_certs, "ssl_certfile": ssl_certfile,
+                 "ssl_keyfile": ssl_keyfile, "ssl_cert_reqs": ssl_cert_reqs,
+                 "ssl_check_hostname": ssl_check_hostname}
+        tls.update({k: v for k, v in given.items() if v is not None})
         if scheme == "rediss":
-            tls["ssl_cert_reqs"] = ssl_cert_reqs
+            tls.setdefault("ssl_cert_reqs", "required")
+            if tls["ssl_cert_reqs"] not in ("required", "optional", "none"):
+                raise ConfigError(f"ssl_cert_reqs must be required, optional or none, got "
+                                  f"{tls['ssl_cert_reqs']!r}")
+            for key in _TLS_FILES:
+                if key in tls and not Path(tls[key]).is_file():
+                    raise ConfigError(f"prefix index TLS: {key} {tls[key]}: no such file")
+            if ("ssl_certfile" in tls) != ("ssl_keyfile" in tls):
+                raise ConfigError("prefix index TLS: a client certificate needs both "
+                                  "ssl_certfile and ssl_keyfile")
         elif tls:
-            raise ValueError("TLS options need a rediss:// URL")
+            raise ConfigError(f"TLS options ({', '.join(sorted(tls))}) need a rediss:// URL")
         self.timeouts = timeouts or RedisTimeouts()
-        self._redacted_url = redact_url(url)
         self._prefix = "{" + namespace + "}:"
         self._workers_key = self._prefix + "workers"
         kwargs: dict[str, Any] = dict(
@@ -478,6 +554,9 @@ class RedisPrefixIndex(PrefixIndex):
         self._redis = redis.Redis.from_url(url, **kwargs)
         self._error_types: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._response_error: type[BaseException] = redis.ResponseError
+        self._auth_errors: tuple[type[BaseException], ...] = (
+            redis.AuthenticationError, redis.exceptions.AuthorizationError,
+            redis.exceptions.AuthenticationWrongNumberOfArgsError)
         # Called as EVALSHA; redis-py reloads a script on NOSCRIPT (a restarted server).
         self._register_script = self._redis.register_script(_LUA_REGISTER)
         self._apply_script = self._redis.register_script(_LUA_APPLY)
@@ -611,6 +690,22 @@ class RedisPrefixIndex(PrefixIndex):
     def close(self) -> None:
         self._redis.close()
 
+    def verify(self) -> bool:
+        """Ask Redis once (PING), at start-up. Raises ConfigError when Redis refuses us (the
+        credentials, or the TLS handshake): a misconfiguration, which should stop a launcher
+        rather than leave it routing on load only for good. Returns False, logged, when Redis
+        is merely unreachable (degraded as usual, recovering on its own)."""
+        try:
+            self._redis.ping()
+        except self._error_types as e:
+            refusal = self._refusal(e)
+            if refusal is not None:
+                raise ConfigError(f"prefix index {self._redacted_url}: {refusal}") from None
+            self._note_failure(e)
+            return False
+        self.available = True
+        return True
+
     # ---- internals -------------------------------------------------------------------------
 
     def _reg_key(self, worker_id: str) -> str:
@@ -632,6 +727,43 @@ class RedisPrefixIndex(PrefixIndex):
     def _skip_now(self) -> bool:
         return time.monotonic() < self._down_until
 
+    def _note_failure(self, e: BaseException) -> None:
+        """Log a failed call (once per outage; always for server-side errors) and go degraded.
+        redis-py's and the server's messages carry no credentials."""
+        self._down_until = time.monotonic() + self.timeouts.retry_interval_s
+        refusal = self._refusal(e)
+        if isinstance(e, self._response_error):
+            # A server-side error is a bug or a misconfiguration (e.g. Redis < 6.2), not
+            # an outage: always say so.
+            log.error("prefix index %s: %s: %s", self._redacted_url, type(e).__name__, e)
+        elif refusal is not None and self.available:
+            log.error("prefix index %s refused the connection: %s; routing on load only until "
+                      "that is fixed", self._redacted_url, refusal)
+        elif self.available:
+            log.warning("prefix index %s unreachable (%s: %s); routing on load only until "
+                        "it answers", self._redacted_url, type(e).__name__, e)
+        self.available = False
+
+    def _refusal(self, e: BaseException) -> str | None:
+        """What the user must fix when Redis refused us (credentials, TLS); None for an
+        outage (refused/reset TCP connection, timeout) or any other error."""
+        if isinstance(e, self._auth_errors):
+            return (f"Redis refused the credentials ({e}); check the user and password in "
+                    "the URL")
+        cause: BaseException | None = e
+        for _ in range(8):  # the TLS error is the context of redis-py's ConnectionError
+            if cause is None:
+                break
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return (f"TLS: Redis's certificate did not verify ({cause.verify_message}); "
+                        "give the CA that signed it as ?ssl_ca_certs=PATH in the URL")
+            if isinstance(cause, ssl.SSLError):
+                return (f"TLS handshake failed ({cause.reason or cause}); a Redis that "
+                        "requires client certificates needs ?ssl_certfile=PATH&ssl_keyfile="
+                        "PATH in the URL, a plaintext one a redis:// URL")
+            cause = cause.__cause__ or cause.__context__
+        return None
+
     def _call(self, fn: Callable[[], T], default: T, probe: bool = False) -> T:
         """Run one Redis call; on any Redis/socket error log once per outage, return default.
 
@@ -643,15 +775,7 @@ class RedisPrefixIndex(PrefixIndex):
         try:
             result = fn()
         except self._error_types as e:
-            self._down_until = time.monotonic() + self.timeouts.retry_interval_s
-            if isinstance(e, self._response_error):
-                # A server-side error is a bug or a misconfiguration (e.g. Redis < 6.2), not
-                # an outage: always say so. redis-py's messages carry no credentials.
-                log.error("prefix index %s: %s: %s", self._redacted_url, type(e).__name__, e)
-            elif self.available:
-                log.warning("prefix index %s unreachable (%s: %s); routing on load only until "
-                            "it answers", self._redacted_url, type(e).__name__, e)
-            self.available = False
+            self._note_failure(e)
             return default
         if not self.available:
             log.warning("prefix index %s reachable again", self._redacted_url)

@@ -8,6 +8,9 @@ is given (`pdserve up`), and the tests' real Redis.
 - `stop_redis_server(proc)` stops exactly that process (by its Popen, never by name).
 - `running_redis_server(work_dir)` is the context-manager form of the two.
 - `REDIS_SERVER` is the binary's path, or None when it is not on PATH.
+- `tls=RedisTLS(cert, key, ca)` serves TLS only (`--port 0 --tls-port P`), requiring client
+  certificates signed by `ca` when `client_cert`/`client_key` are given (the readiness PING
+  presents them). A redis-server built without TLS fails to start (RuntimeError, log tail).
 
 Only the standard library: no redis-py needed to import this.
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -32,17 +37,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ping(port: int, password: str | None = None, timeout_s: float = 0.2) -> bool:
-    """True when a Redis server on 127.0.0.1:port answers PING (raw RESP, no client lib)."""
+@dataclass(frozen=True)
+class RedisTLS:
+    """PEM files for a TLS-only redis-server. With client_cert/client_key, clients must
+    present a certificate signed by `ca_file` (`--tls-auth-clients yes`)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def server_args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", self.cert_file,
+                "--tls-key-file", self.key_file, "--tls-ca-cert-file", self.ca_file,
+                "--tls-auth-clients", "yes" if self.client_cert else "no"]
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert:
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+        return ctx
+
+
+def ping(port: int, password: str | None = None, timeout_s: float = 0.2,
+         tls: ssl.SSLContext | None = None) -> bool:
+    """True when a Redis server on 127.0.0.1:port answers PING (raw RESP, no client lib;
+    over TLS with `tls`)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", port),
+                                                             timeout=timeout_s))
+            if tls is not None:
+                s = stack.enter_context(tls.wrap_socket(s, server_hostname="127.0.0.1"))
             if password is not None:
                 s.sendall(_resp("AUTH", password))
                 if not s.recv(64).startswith(b"+OK"):
                     return False
             s.sendall(_resp("PING"))
             return s.recv(64).startswith(b"+PONG")
-    except OSError:
+    except OSError:  # ssl.SSLError included
         return False
 
 
@@ -60,6 +94,7 @@ def start_redis_server(
     extra_args: Sequence[str] = (),
     password: str | None = None,
     timeout_s: float = 10.0,
+    tls: RedisTLS | None = None,
 ) -> tuple[int, subprocess.Popen]:
     if REDIS_SERVER is None:
         raise RuntimeError(SKIP_REASON)
@@ -79,10 +114,13 @@ def start_redis_server(
         ]
         if password is not None:
             args += ["--requirepass", password]
+        if tls is not None:
+            args[args.index("--port"):args.index("--port") + 2] = tls.server_args(p)
+        ctx = tls.client_context() if tls is not None else None
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
-            if ping(p, password):
+            if ping(p, password, tls=ctx):
                 return p, proc
             time.sleep(0.02)
         stop_redis_server(proc)
@@ -108,9 +146,9 @@ def stop_redis_server(proc: subprocess.Popen, kill: bool = False) -> None:
 @contextlib.contextmanager
 def running_redis_server(
     work_dir: Path, port: int | None = None, extra_args: Sequence[str] = (),
-    password: str | None = None,
+    password: str | None = None, tls: RedisTLS | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen]]:
-    port, proc = start_redis_server(work_dir, port, extra_args, password)
+    port, proc = start_redis_server(work_dir, port, extra_args, password, tls=tls)
     try:
         yield port, proc
     finally:

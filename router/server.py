@@ -150,7 +150,8 @@ class Router:
             self.api_keys = ApiKeys.from_file(self.config.api_keys_file)
         self.draining = False
         self._in_flight = 0
-        self._kv_addresses: dict[str, str] = {}  # decode worker id -> its KV receiver
+        self._kv_addresses: dict[str, list[str]] = {}  # decode id -> its receivers by TP rank
+        self._prefill_tp: dict[str, int] = {}  # prefill id -> its TP size (decode plans by it)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -191,8 +192,10 @@ class Router:
         self._count_workers()
         if self.decode:
             infos = await asyncio.gather(*(a.ready.remote() for a in self.decode.values()))
-            self._kv_addresses = {wid: i["address"] for wid, i in zip(self.decode, infos)}
-            await self._connect_kv(self.prefill, list(self._kv_addresses.values()))
+            self._kv_addresses = {wid: i["addresses"] for wid, i in zip(self.decode, infos)}
+            infos = await asyncio.gather(*(a.ready.remote() for a in self.prefill.values()))
+            self._prefill_tp = {wid: i.get("tp_size", 1) for wid, i in zip(self.prefill, infos)}
+            await self._connect_kv(self.prefill, self._all_kv_addresses())
         self._tasks.append(asyncio.create_task(self._watch_workers()))
         if http_port is not None:
             from router.openai_http import OpenAIServer
@@ -399,8 +402,9 @@ class Router:
             run.prefill_id = placement.worker_id
             result: dict[str, Any] = {}
             try:
-                run.decode_id, resv = await self._reserve_decode(seg_info, prompt, seg,
-                                                                 run.worker_rid, exclude)
+                run.decode_id, resv = await self._reserve_decode(
+                    seg_info, prompt, seg, run.worker_rid, exclude,
+                    self._prefill_tp.get(placement.worker_id, 1))
                 sent = time.monotonic()
                 result = await self._prefill(placement, run.worker_rid, prompt, seg, resv)
             finally:
@@ -541,7 +545,8 @@ class Router:
 
     async def _reserve_decode(self, info: RequestInfo, token_ids: list[int],
                               sampling: dict[str, Any], worker_rid: str,
-                              exclude: set[str]) -> tuple[str, dict[str, Any]]:
+                              exclude: set[str], src_tp: int = 1
+                              ) -> tuple[str, dict[str, Any]]:
         import ray
 
         wait_until = (info.deadline if info.ttft_slo_s else
@@ -556,7 +561,7 @@ class Router:
                 self.slo.note_decode_reserved(wid, info.num_blocks)
                 try:
                     r = await self.decode[wid].reserve.remote(
-                        worker_rid, token_ids, sampling, self.config.kv_timeout_s)
+                        worker_rid, token_ids, sampling, self.config.kv_timeout_s, src_tp)
                 except ray.exceptions.RayActorError as e:
                     self._worker_died("decode", wid, e)
                     continue
@@ -577,8 +582,8 @@ class Router:
 
         actor = self.prefill[placement.worker_id]
         try:
-            return await actor.prefill.remote(worker_rid, token_ids, sampling, resv["address"],
-                                              resv["block_ids"])
+            return await actor.prefill.remote(worker_rid, token_ids, sampling,
+                                              resv["addresses"], resv["block_ids"])
         except ray.exceptions.RayActorError as e:
             self._worker_died("prefill", placement.worker_id, e)
             return {"error": f"prefill worker {placement.worker_id} died", "transfer_failed": True}
@@ -674,19 +679,23 @@ class Router:
         """Take a restarted or replaced worker back into its pool."""
         if role == "prefill":
             if not self.colocated:
-                await self._connect_kv({wid: actor}, list(self._kv_addresses.values()))
+                self._prefill_tp[wid] = info.get("tp_size", 1)
+                await self._connect_kv({wid: actor}, self._all_kv_addresses())
             self.prefill[wid] = actor
             self.slo.add_prefill_worker(wid)
             if self.index_in_process:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
         else:
-            self._kv_addresses[wid] = info["address"]
-            await self._connect_kv(self.prefill, [info["address"]])
+            self._kv_addresses[wid] = info["addresses"]
+            await self._connect_kv(self.prefill, info["addresses"])
             self.decode[wid] = actor
             self.slo.add_decode_worker(wid)
         self._count_workers()
         log.warning("%s worker %s restarted (pid %s) and is back in the pool", role, wid,
                     info.get("pid"))
+
+    def _all_kv_addresses(self) -> list[str]:
+        return [a for addresses in self._kv_addresses.values() for a in addresses]
 
     async def _connect_kv(self, prefill: dict[str, Any], addresses: list[str]) -> None:
         """Have prefill workers open their KV connections to decode workers before traffic:

@@ -12,6 +12,7 @@ import pytest
 from router.redis_local import (  # noqa: F401  (re-exported for tests)
     REDIS_SERVER,
     SKIP_REASON,
+    RedisTLS,
     free_port,
     ping,
     running_redis_server,

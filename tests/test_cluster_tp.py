@@ -78,3 +78,53 @@ def test_colocated_tp2_worker_matches_engine_and_is_replaced_when_a_rank_dies(
         wait_idle(cluster)
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2)])
+def test_prefill_and_decode_tp_sizes_differ_output_matches_engine(
+        model_dir, ray_session, expected, prefill_tp, decode_tp):
+    """Each decode rank gets exactly its KV heads, rank to rank from the prefill ranks that
+    hold them: the colocated engine's tokens, and every rank's blocks come back."""
+    cluster = make_cluster(model_dir, num_prefill=1, num_decode=1, prefill_tp=prefill_tp,
+                           decode_tp=decode_tp)
+    try:
+        cluster.start()
+        assert serve_all(cluster) == expected
+        assert serve_all(cluster) == expected  # again, now with prefix-cache hits
+        wait_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_decode_follower_rank_killed_mid_stream_request_ends_clearly_and_group_returns(
+        model_dir, ray_session, expected):
+    """SIGKILL decode rank 1 while a request streams: the request ends with a clear status
+    (its only decode worker is gone), the group is replaced, and the cluster serves the
+    engine's tokens again with nothing held on any worker."""
+    import grpc
+    import ray
+
+    cluster = make_cluster(model_dir, num_prefill=1, num_decode=1, prefill_tp=2, decode_tp=2)
+    try:
+        cluster.start()
+        wid = "decode-0"
+        old = cluster.tp_workers[wid].followers[0]
+        long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        with GenerateClient(cluster.address) as client:
+            call = client.stream(build_generate_request(token_ids=PROMPTS[1], sampling=long),
+                                 timeout_s=60)
+            next(call)
+            os.kill(ray.get(old.ready.remote())["pid"], 9)
+            try:
+                items = list(call)
+                assert items[-1].final.finish_reason == "length"  # done before the kill hit
+            except grpc.RpcError as e:  # migration found no other decode worker
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        deadline = time.monotonic() + 60
+        while not (wid in cluster.router.decode and cluster.router.followers[wid][0] is not old):
+            assert time.monotonic() < deadline, "the decode group was never replaced"
+            time.sleep(0.1)
+        assert serve_all(cluster) == expected
+        wait_idle(cluster)
+    finally:
+        cluster.stop()

@@ -57,6 +57,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "security": {"apiKeysSecret": "pdserve-api-keys",
                      "tls": {"secretName": "pdserve-tls", "clientCAKey": "ca.crt"}},
     },
+    # Ray's token authentication, and an external Redis over mutual TLS with a password
+    "ray-token-redis-tls": {
+        "ray": {"authTokenSecret": {"name": "pdserve-ray-token"}},
+        "redis": {"mode": "external",
+                  "external": {"host": "redis.cache.svc", "port": 6380, "tls": True,
+                               "passwordSecret": {"name": "pdserve-redis"},
+                               "tlsCASecret": {"name": "redis-ca"},
+                               "tlsClientSecret": "redis-client"}},
+    },
     "pvc-model": {
         "model": {"source": "pvc", "pvc": {"claimName": "models", "path": "Qwen2.5-7B-Instruct"}},
         "cache": {"existingClaim": "pdserve-cache"},
@@ -186,6 +195,9 @@ def test_default_release_renders_every_component(release):
     ({"decode": {"replicas": 0}}, "/decode/replicas"),
     ({"redis": {"mode": "sentinel"}}, "/redis/mode"),
     ({"redis": {"mode": "external"}}, "set redis.external.host"),
+    ({"redis": {"mode": "external", "external": {"host": "r", "tlsCASecret": {"name": "ca"}}}},
+     "need redis.external.tls: true"),
+    ({"ray": {"authTokenSecret": {"name": "t", "key": ""}}}, "/ray/authTokenSecret/key"),
     ({"model": {"source": "pvc"}}, "set model.pvc.claimName"),
     ({"monitoring": {"podMonitor": {"interval": "fast"}}}, "/monitoring/podMonitor/interval"),
     ({"prefil": {"replicas": 2}}, "prefil"),  # a misspelt key is refused, not ignored
@@ -293,18 +305,21 @@ def test_gpu_worker_groups_request_their_tp_size_in_gpus(release):
     args = effective_args(objs, router_container(objs))
     assert flag(args, "--device") == "cuda"
     assert (flag(args, "--prefill"), flag(args, "--decode")) == ("2", "4")
-    # one --worker-gpus for both pools: the smaller TP size, so every worker can be placed
+    assert (flag(args, "--prefill-tp"), flag(args, "--decode-tp")) == ("2", "1")
+    # one GPU per TP rank actor; a pod's TP ranks share its GPUs
     assert flag(args, "--worker-gpus") == "1"
     for name, pod in pod_specs(objs).items():
         if not name.endswith("-redis"):
             assert pod["spec"]["containers"][0]["image"] == "pdserve:0.1.0-cuda", name
 
 
-def test_equal_tp_sizes_give_each_worker_all_its_pods_gpus(chart):
+def test_tp_sizes_reach_pdserve_and_each_rank_takes_one_gpu(chart):
     objs = [o for o in yaml.safe_load_all(render(chart, {
         "device": "cuda", "prefill": {"tensorParallelSize": 4},
-        "decode": {"tensorParallelSize": 4}})["pdserve/templates/configmap.yaml"]) if o]
-    assert objs[0]["data"]["PDSERVE_WORKER_GPUS"] == "4"
+        "decode": {"tensorParallelSize": 2}})["pdserve/templates/configmap.yaml"]) if o]
+    data = objs[0]["data"]
+    assert (data["PDSERVE_PREFILL_TP"], data["PDSERVE_DECODE_TP"]) == ("4", "2")
+    assert data["PDSERVE_WORKER_GPUS"] == "1"
 
 
 def test_cpu_release_requests_no_gpus(release):
@@ -533,3 +548,40 @@ def test_security_values_wire_keys_tls_and_probes(release):
     plain = router_container(release("default"))
     assert "grpc" in plain["livenessProbe"] and flag(effective_args(
         release("default"), plain), "--api-keys") is None
+
+
+def test_ray_token_and_redis_tls_reach_every_process_from_secrets(release):
+    objs = release("ray-token-redis-tls")
+    assert one(objs, "ConfigMap")["data"]["RAY_AUTH_MODE"] == "token"
+    assert one(release("default"), "ConfigMap")["data"]["RAY_AUTH_MODE"] == "disabled"
+    pods = pod_specs(objs)
+    token_ref = {"secretKeyRef": {"name": "pdserve-ray-token", "key": "auth_token"}}
+    ca_dir, client_dir = "/etc/pdserve/redis-tls/ca", "/etc/pdserve/redis-tls/client"
+    url = (f"rediss://:$(REDIS_PASSWORD)@redis.cache.svc:6380/0?ssl_ca_certs={ca_dir}/ca.crt"
+           f"&ssl_certfile={client_dir}/tls.crt&ssl_keyfile={client_dir}/tls.key")
+    for name in ("ray-head", "ray-prefill", "ray-decode", f"{RELEASE}-pdserve-router"):
+        spec = pods[name]["spec"]
+        container = spec["containers"][0]
+        env = {v["name"]: v for v in container["env"]}
+        # Every Ray process, and the router (the Ray driver), get the token from the Secret
+        # only: Ray reads $RAY_AUTH_TOKEN itself; no manifest holds it.
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == token_ref, name
+        if name == "ray-head":
+            continue  # runs no pdserve worker: talks to no Redis
+        # One URL for every process that talks to Redis; its query names the mounted files.
+        assert env["PDSERVE_REDIS_URL"]["value"] == url, name
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["redis-tls-ca"] == {"name": "redis-tls-ca", "mountPath": ca_dir,
+                                          "readOnly": True}, name
+        assert mounts["redis-tls-client"]["mountPath"] == client_dir, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["redis-tls-ca"]["secret"]["secretName"] == "redis-ca", name
+        assert volumes["redis-tls-client"]["secret"]["secretName"] == "redis-client", name
+    args = effective_args(objs, router_container(objs))
+    assert not [a for a in args if "redis" in a.lower() or "token" in a.lower()], args
+    # Without TLS nothing is mounted, and without a token Secret no RAY_AUTH_TOKEN is set.
+    default_pods = pod_specs(release("default"))
+    for name in ("ray-prefill", f"{RELEASE}-pdserve-router"):
+        container = default_pods[name]["spec"]["containers"][0]
+        assert "redis-tls-ca" not in {m["name"] for m in container["volumeMounts"]}
+        assert "RAY_AUTH_TOKEN" not in {v["name"] for v in container.get("env", [])}

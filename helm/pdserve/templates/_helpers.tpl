@@ -83,12 +83,11 @@ annotations:
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
-{{/* GPUs per worker actor (`--worker-gpus`): the TP size. pdserve takes one value for both
-pools, so with different prefill/decode TP sizes it gets the smaller one (a worker uses one
-GPU until tensor-parallel workers land); the pods still request their full TP size. */}}
+{{/* GPUs per worker actor (`--worker-gpus`): one. A worker at tensor parallelism N is N
+rank actors, one GPU each, placed together on its pod (which requests N GPUs). */}}
 {{- define "pdserve.workerGpus" -}}
 {{- if eq .Values.device "cuda" }}
-{{- min (.Values.prefill.tensorParallelSize | int) (.Values.decode.tensorParallelSize | int) }}
+{{- 1 }}
 {{- else }}
 {{- 0 }}
 {{- end }}
@@ -118,7 +117,51 @@ GPU until tensor-parallel workers land); the pods still request their full TP si
 {{- else if $ext.username }}
 {{- $auth = printf "%s@" $ext.username }}
 {{- end }}
+{{- $query := list }}
+{{- if and $ext.tls $ext.tlsCASecret.name }}
+{{- $query = append $query (printf "ssl_ca_certs=/etc/pdserve/redis-tls/ca/%s" $ext.tlsCASecret.key) }}
+{{- end }}
+{{- if and $ext.tls $ext.tlsClientSecret }}
+{{- $query = concat $query (list "ssl_certfile=/etc/pdserve/redis-tls/client/tls.crt" "ssl_keyfile=/etc/pdserve/redis-tls/client/tls.key") }}
+{{- end }}
 {{- printf "%s://%s%s:%d/%d" $scheme $auth $ext.host ($ext.port | int) ($ext.db | int) }}
+{{- with $query }}?{{ join "&" . }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* Redis TLS files (redis.external.tlsCASecret / tlsClientSecret) for every container that
+talks to Redis: the router and the Ray workers. The URL's query names these paths. */}}
+{{- define "pdserve.redisTLSMounts" -}}
+{{- $ext := .Values.redis.external }}
+{{- if and (eq .Values.redis.mode "external") $ext.tls }}
+{{- if $ext.tlsCASecret.name }}
+- name: redis-tls-ca
+  mountPath: /etc/pdserve/redis-tls/ca
+  readOnly: true
+{{- end }}
+{{- if $ext.tlsClientSecret }}
+- name: redis-tls-client
+  mountPath: /etc/pdserve/redis-tls/client
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pdserve.redisTLSVolumes" -}}
+{{- $ext := .Values.redis.external }}
+{{- if and (eq .Values.redis.mode "external") $ext.tls }}
+{{- with $ext.tlsCASecret.name }}
+- name: redis-tls-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- with $ext.tlsClientSecret }}
+- name: redis-tls-client
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -150,13 +193,18 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Environment of every pdserve container: the ConfigMap, plus the Redis password. */}}
+{{/* Environment of every pdserve container: the ConfigMap, plus the Redis password and Ray's
+token from their Secrets. */}}
 {{- define "pdserve.env" -}}
 envFrom:
   - configMapRef:
       name: {{ include "pdserve.configName" . }}
-{{- if and (eq .Values.redis.mode "external") .Values.redis.external.passwordSecret.name }}
+{{- $redisPassword := and (eq .Values.redis.mode "external") .Values.redis.external.passwordSecret.name }}
+{{- $rayToken := .Values.ray.authTokenSecret }}
+{{- if or $redisPassword $rayToken.name }}
 env:
+{{- end }}
+{{- if $redisPassword }}
   - name: REDIS_PASSWORD
     valueFrom:
       secretKeyRef:
@@ -165,6 +213,15 @@ env:
   # Kubernetes expands $(REDIS_PASSWORD) here; the URL never appears in a process list.
   - name: PDSERVE_REDIS_URL
     value: {{ include "pdserve.redisUrl" . | quote }}
+{{- end }}
+{{- if $rayToken.name }}
+  # Ray's token authentication (RAY_AUTH_MODE=token in the ConfigMap): Ray reads the token
+  # from here in every Ray process and in the router, the Ray driver.
+  - name: RAY_AUTH_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ $rayToken.name }}
+        key: {{ $rayToken.key }}
 {{- end }}
 {{- end }}
 
@@ -229,5 +286,10 @@ env:
 {{- end }}
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.external.host) }}
 {{- fail "redis.mode is external: set redis.external.host" }}
+{{- end }}
+{{- with .Values.redis.external }}
+{{- if and (or .tlsCASecret.name .tlsClientSecret) (not .tls) }}
+{{- fail "redis.external.tlsCASecret / tlsClientSecret need redis.external.tls: true" }}
+{{- end }}
 {{- end }}
 {{- end }}
