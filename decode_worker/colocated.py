@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from engine.config import EngineMode
@@ -34,9 +33,10 @@ class ColocatedWorker(WorkerBase):
         return {"transport": "none"}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Ray streaming generator: token deltas; the first carries queued_s/prefill_s
-        measured here, the last has `finished` (or `error`)."""
+                       sampling: dict[str, Any]) -> dict[str, Any] | None:
+        """Start the request: None, or an item with `error` if refused. Its token deltas come
+        from `next_items`: the first carries queued_s/prefill_s measured here, the last has
+        `finished`."""
         self._open_stream(request_id)
 
         def start(e: LLMEngine) -> None:
@@ -48,10 +48,8 @@ class ColocatedWorker(WorkerBase):
         except ValueError as e:  # the router validated: a bug or a request id reused
             log.warning("%s: request %s refused: %s", self.worker_id, request_id, e)
             self.streams.pop(request_id, None)
-            yield {"finished": True, "error": f"{type(e).__name__}: {e}"}
-            return
-        async for item in self._drain_stream(request_id):
-            yield item
+            return {"finished": True, "error": f"{type(e).__name__}: {e}"}
+        return None
 
     async def abort(self, request_id: str) -> bool:
         found = await self.call(lambda e: e.abort(request_id))

@@ -4,8 +4,8 @@
 router hands the receiver's address and the block ids to a prefill worker, which writes
 straight into them. When the transfer completes the request joins the continuous batch
 (`commit_kv`); when it fails or times out the reservation is freed (`cancel_reservation`).
-`stream()` is a Ray streaming generator of the request's token deltas; the last item carries
-the finish reason and the decode time measured here.
+`next_items()` (a long poll, engine/worker_base.py) returns the request's token deltas; the
+last item carries the finish reason and the decode time measured here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -101,11 +100,6 @@ class DecodeWorker(WorkerBase):
                 self.streams.pop(request_id, None)
                 return {"error": f"a TP rank could not expect the KV: {e}", **self._load()}
         return {"addresses": self.addresses, "block_ids": ids, **self._load()}
-
-    async def stream(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Deltas until the request ends; the last item has `finished` (or `error`)."""
-        async for item in self._drain_stream(request_id):
-            yield item
 
     async def abort(self, request_id: str) -> bool:
         """Client cancel / router failure: stop the request wherever it is, free its blocks."""

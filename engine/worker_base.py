@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from engine.config import EngineMode
@@ -142,20 +142,20 @@ class WorkerBase:
         self.aloop = asyncio.get_running_loop()
         self.streams[request_id] = asyncio.Queue()
 
-    async def _drain_stream(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Items pushed for the request until one has `finished`."""
+    async def next_items(self, request_id: str) -> list[dict[str, Any]]:
+        """The request's output since the last call: waits for one item, returns every item
+        queued by then; the last has `finished` once the request ended. The router polls
+        this (a long poll) rather than taking a Ray streaming generator, which Ray Client
+        (`ray://`, how a Kubernetes router joins) cannot carry."""
         q = self.streams.get(request_id)
         if q is None:
-            yield {"finished": True, "error": f"request {request_id!r} is not known here"}
-            return
-        try:
-            while True:
-                item = await q.get()
-                yield item
-                if item.get("finished"):
-                    return
-        finally:
+            return [{"finished": True, "error": f"request {request_id!r} is not known here"}]
+        items = [await q.get()]
+        while not items[-1].get("finished") and not q.empty():
+            items.append(q.get_nowait())
+        if items[-1].get("finished"):
             self.streams.pop(request_id, None)
+        return items
 
     def _push(self, request_id: str, item: dict[str, Any]) -> None:
         """From any thread: queue an item on the request's stream (dropped if it has none)."""

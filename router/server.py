@@ -489,11 +489,12 @@ class Router:
         prefill_s: float | None = None
         released = False
         try:
-            gen = self.prefill[placement.worker_id].generate.options(
-                num_returns="streaming").remote(run.worker_rid, token_ids,
-                                                dataclasses.asdict(req.sampling))
-            async for ref in gen:
-                item = await ref
+            actor = self.prefill[placement.worker_id]
+            refused = await actor.generate.remote(run.worker_rid, token_ids,
+                                                  dataclasses.asdict(req.sampling))
+            if refused is not None:
+                raise RequestFailed(f"worker {placement.worker_id}: {refused['error']}")
+            async for item in self._poll_items(actor, run.worker_rid):
                 if item.get("error"):
                     raise RequestFailed(f"worker {placement.worker_id}: {item['error']}")
                 if "prefill_s" in item:
@@ -594,14 +595,21 @@ class Router:
     async def _decode_stream(self, run: _Run) -> AsyncIterator[dict[str, Any]]:
         import ray
 
-        gen = self.decode[run.decode_id].stream.options(num_returns="streaming").remote(
-            run.worker_rid)
         try:
-            async for ref in gen:
-                yield await ref
+            async for item in self._poll_items(self.decode[run.decode_id], run.worker_rid):
+                yield item
         except ray.exceptions.RayActorError as e:
             self._worker_died("decode", run.decode_id, e)
             raise WorkerDied(f"decode worker {run.decode_id} died mid-stream") from None
+
+    @staticmethod
+    async def _poll_items(actor: Any, worker_rid: str) -> AsyncIterator[dict[str, Any]]:
+        """A request's items from its worker (`next_items` long polls) until `finished`."""
+        while True:
+            for item in await actor.next_items.remote(worker_rid):
+                yield item
+                if item.get("finished"):
+                    return
 
     def _abort_decode(self, run: _Run) -> None:
         if run.decode_id in self.decode:

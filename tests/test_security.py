@@ -279,10 +279,6 @@ def test_pdserve_up_joins_a_token_protected_ray_cluster(token_ray, how):
     # In with the token: the workers were created on the cluster and came up.
     assert "worker prefill-0 ready" in run.stderr, run.stderr[-5000:]
     assert token not in run.stdout + run.stderr
-    if "Ray Client" in how and "Streaming actor methods" in run.stderr:
-        pytest.xfail("Ray Client cannot call streaming actor methods (num_returns="
-                     "'streaming'), which the router's decode stream uses: joining with the "
-                     "token works, serving a request through ray:// does not")
     assert run.returncode == 0, run.stderr[-5000:]
     assert "[finish_reason=" in run.stderr  # one request served end to end
     if how.startswith("token file"):  # `pdserve down` joins the same way
