@@ -49,9 +49,10 @@ class DecodeWorker(WorkerBase):
         self.num_kv_heads = self.engine.model_config.num_kv_heads
         # TP ranks 1..: each receives its own heads; rank 0 commits once all have landed.
         self.followers = list(spec.tp_followers)
-        self.addresses = [self.receiver.address] + [
-            info["address"] for info in ray.get([f.ready.remote() for f in self.followers],
-                                                timeout=600)]
+        self.addresses = [self.receiver.address]
+        if self.followers:  # constructed before this rank: their receivers are up
+            self.addresses += [info["address"] for info in ray.get(
+                [f.ready.remote() for f in self.followers], timeout=600)]
         self._start_loop()
 
     # ---- actor methods ---------------------------------------------------------------------
