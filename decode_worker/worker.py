@@ -21,6 +21,7 @@ import ray
 from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tp_worker import follower_errors
 from engine.worker_base import WorkerBase
 from engine.worker_spec import WorkerSpec, node_host
 from kv_transfer import (
@@ -136,9 +137,7 @@ class DecodeWorker(WorkerBase):
         if own.ok:
             replies = await asyncio.gather(*(f.kv_result.remote(rid) for f in self.followers),
                                            return_exceptions=True)
-            errors = [f"{type(r).__name__}: {r}" if isinstance(r, BaseException)
-                      else r["error"] for r in replies
-                      if isinstance(r, BaseException) or not r["ok"]]
+            errors = follower_errors(replies)
             if not errors:
                 self._on_transfer(dataclasses.replace(
                     own, num_bytes=own.num_bytes + sum(r["num_bytes"] for r in replies)))

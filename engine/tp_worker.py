@@ -118,7 +118,8 @@ class TPFollowerWorker:
         if result is None:
             self.receiver.cancel(request_id)
             return {"ok": False, "error": f"{self.worker_id}: no result by the deadline"}
-        return {"ok": result.ok, "error": result.error, "num_bytes": result.num_bytes}
+        return {"ok": result.ok, "num_bytes": result.num_bytes,
+                "error": None if result.ok else result.error or "the transfer failed"}
 
     def cancel_kv(self, request_id: str) -> None:
         self.receiver.cancel(request_id)
@@ -130,7 +131,7 @@ class TPFollowerWorker:
                   dst_block_ids: list[int]) -> None:
         """Before rank 0 schedules the request: where this rank's heads go."""
         routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, self.spec.tp_rank,
-                                 dst_addresses, len(dst_addresses))
+                                 dst_addresses)
         shipment = KVShipment(self.sender, request_id, routes, list(dst_block_ids),
                               self.spec.kv_timeout_s)
         with self._lock:
@@ -168,20 +169,27 @@ class TPFollowerWorker:
                     finishing.append((rid, *entry))
         if not finishing:
             return None
+        controls = []
         for rid, shipment, _ in finishing:
             blocks, num_tokens = prefill_blocks(inputs, rid, self.pool.layout.block_size)
             shipment.open(blocks)
-            shipment.num_computed_tokens = num_tokens
+            controls.append(KVControl(rid, num_tokens))  # rank 0 alone has the sampled token
         last = self.pool.layout.num_layers - 1
 
         def on_layer(layer: int) -> None:
             for _, shipment, _ in finishing:
                 shipment.send_layer(layer)
             if layer == last:
-                for rid, shipment, done in finishing:
-                    control = KVControl(rid, shipment.num_computed_tokens)
+                for (_, shipment, done), control in zip(finishing, controls):
                     self._finisher.submit(_finish, shipment, control, done)
         return on_layer
+
+
+def follower_errors(replies: list[Any]) -> list[str]:
+    """What went wrong on follower ranks, from their replies to one call each (gathered with
+    return_exceptions): a Ray error (a dead rank) or the reply's `error`."""
+    return [f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r["error"]
+            for r in replies if isinstance(r, BaseException) or r.get("error")]
 
 
 def _finish(shipment: KVShipment, control: KVControl, done: Future) -> None:

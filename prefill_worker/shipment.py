@@ -36,11 +36,10 @@ class KVRoute:
 
 
 def routes_for_rank(num_kv_heads: int, src_tp: int, src_rank: int,
-                    dst_addresses: Sequence[str], dst_tp: int) -> list[KVRoute]:
+                    dst_addresses: Sequence[str]) -> list[KVRoute]:
     """The sessions prefill rank `src_rank` opens for one request (dst_addresses: the decode
-    worker's receivers, by rank)."""
-    if len(dst_addresses) != dst_tp:
-        raise ValueError(f"{len(dst_addresses)} receiver addresses for decode TP {dst_tp}")
+    worker's receivers, by rank: their count is its TP size)."""
+    dst_tp = len(dst_addresses)
     if src_tp == dst_tp == 1:
         return [KVRoute(dst_addresses[0])]
     plan = plan_head_routes(num_kv_heads, src_tp, dst_tp)
@@ -57,7 +56,6 @@ class KVShipment:
         self.opened = False
         self.error: str | None = None
         self.num_bytes = 0
-        self.num_computed_tokens = 0  # follower ranks: the prompt length, for the control
 
     def open(self, src_block_ids: Sequence[int]) -> None:
         """Open every route's session (before the forward pass of the finishing step)."""

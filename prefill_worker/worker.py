@@ -28,6 +28,7 @@ from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
+from engine.tp_worker import follower_errors
 from engine.worker_base import WorkerBase
 from engine.worker_spec import WorkerSpec
 from kv_transfer import KVControl, KVPool, make_sender
@@ -95,10 +96,8 @@ class PrefillWorker(WorkerBase):
         request-level failure: the dict's `error` says what failed (`transfer_failed` true
         when a retry on another decode worker may succeed). Under TP the follower ranks ship
         their own heads (engine/tp_worker.py) and report before this returns."""
-        dst_tp = len(dst_addresses)
         try:
-            routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, 0, dst_addresses,
-                                     dst_tp)
+            routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, 0, dst_addresses)
             await self.plan_followers(request_id, dst_addresses, dst_block_ids)
         except Exception as e:  # noqa: BLE001 - a follower refusing or dying: this request fails
             return {"error": f"planning the TP KV transfer: {type(e).__name__}: {e}",
@@ -149,8 +148,7 @@ class PrefillWorker(WorkerBase):
             return result
         replies = await asyncio.gather(*(f.send_result.remote(request_id)
                                          for f in self.followers), return_exceptions=True)
-        errors = [f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r["error"]
-                  for r in replies if isinstance(r, BaseException) or r.get("error")]
+        errors = follower_errors(replies)
         if errors:
             return {**result, "error": f"a TP rank's KV transfer failed: {errors[0]}",
                     "transfer_failed": True}

@@ -221,7 +221,8 @@ class LocalCluster:
         self.router = Router(model, self.prefill, self.decode, index, cfg.router,
                              colocated=cfg.num_colocated > 0,
                              followers={w: g.followers for w, g in self.tp_workers.items()},
-                             replace_group=self.replace_group)
+                             replace_group=self.replace_group,
+                             infos={i["worker_id"]: i for i in infos})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router",
                                         daemon=True)

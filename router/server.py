@@ -119,7 +119,8 @@ class Router:
     def __init__(self, model: ModelInfo, prefill: dict[str, Any], decode: dict[str, Any],
                  index: PrefixIndex, config: RouterConfig | None = None,
                  colocated: bool = False, followers: dict[str, list[Any]] | None = None,
-                 replace_group: Callable[[str], tuple[Any, list[Any]]] | None = None):
+                 replace_group: Callable[[str], tuple[Any, list[Any]]] | None = None,
+                 infos: dict[str, dict[str, Any]] | None = None):
         self.model = model
         self.config = config or RouterConfig()
         # worker id -> Ray actor handle. Colocated mode: `prefill` holds the colocated
@@ -152,6 +153,9 @@ class Router:
         self._in_flight = 0
         self._kv_addresses: dict[str, list[str]] = {}  # decode id -> its receivers by TP rank
         self._prefill_tp: dict[str, int] = {}  # prefill id -> its TP size (decode plans by it)
+        # What each worker's `ready` said (the launcher asked already): its KV addresses.
+        for wid, info in (infos or {}).items():
+            self._note_worker("decode" if wid in self.decode else "prefill", wid, info)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -190,12 +194,7 @@ class Router:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._count_workers()
-        if self.decode:
-            infos = await asyncio.gather(*(a.ready.remote() for a in self.decode.values()))
-            self._kv_addresses = {wid: i["addresses"] for wid, i in zip(self.decode, infos)}
-            infos = await asyncio.gather(*(a.ready.remote() for a in self.prefill.values()))
-            self._prefill_tp = {wid: i.get("tp_size", 1) for wid, i in zip(self.prefill, infos)}
-            await self._connect_kv(self.prefill, self._all_kv_addresses())
+        await self._connect_kv(self.prefill, self._all_kv_addresses())
         self._tasks.append(asyncio.create_task(self._watch_workers()))
         if http_port is not None:
             from router.openai_http import OpenAIServer
@@ -404,7 +403,7 @@ class Router:
             try:
                 run.decode_id, resv = await self._reserve_decode(
                     seg_info, prompt, seg, run.worker_rid, exclude,
-                    self._prefill_tp.get(placement.worker_id, 1))
+                    self._prefill_tp[placement.worker_id])
                 sent = time.monotonic()
                 result = await self._prefill(placement, run.worker_rid, prompt, seg, resv)
             finally:
@@ -685,22 +684,29 @@ class Router:
 
     async def _rejoin(self, role: str, wid: str, actor: Any, info: dict[str, Any]) -> None:
         """Take a restarted or replaced worker back into its pool."""
+        self._note_worker(role, wid, info)
         if role == "prefill":
-            if not self.colocated:
-                self._prefill_tp[wid] = info.get("tp_size", 1)
-                await self._connect_kv({wid: actor}, self._all_kv_addresses())
+            await self._connect_kv({wid: actor}, self._all_kv_addresses())
             self.prefill[wid] = actor
             self.slo.add_prefill_worker(wid)
             if self.index_in_process:
                 self.index.register_worker(wid, {"role": "prefill"}, self.config.index_ttl_s)
         else:
-            self._kv_addresses[wid] = info["addresses"]
             await self._connect_kv(self.prefill, info["addresses"])
             self.decode[wid] = actor
             self.slo.add_decode_worker(wid)
         self._count_workers()
         log.warning("%s worker %s restarted (pid %s) and is back in the pool", role, wid,
                     info.get("pid"))
+
+    def _note_worker(self, role: str, wid: str, info: dict[str, Any]) -> None:
+        """Record what routing needs from a worker's `ready` reply."""
+        if self.colocated:
+            return
+        if role == "prefill":
+            self._prefill_tp[wid] = info["tp_size"]
+        else:
+            self._kv_addresses[wid] = info["addresses"]
 
     def _all_kv_addresses(self) -> list[str]:
         return [a for addresses in self._kv_addresses.values() for a in addresses]
