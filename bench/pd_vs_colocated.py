@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from loadgen.arrivals import Limits
 from loadgen.bench import report_of, save_run
-from loadgen.report import format_sweep, sweep_summary
+from loadgen.report import format_sweep, machine, sweep_summary, write_json
 from loadgen.runner import BenchConfig, run_sweep
 from loadgen.workloads import TrafficClass, WorkloadConfig
 
@@ -137,16 +135,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{best['disaggregated']:.3f} req/s")
     summary = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "load_avg": os.getloadavg(),
         "command": "python -m bench.pd_vs_colocated " + " ".join(argv or sys.argv[1:]),
         "slo": {"ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms},
         "per_rate": rows, "best_goodput_rps": best,
         "colocated": colocated, "disaggregated": disaggregated,
     }
-    path = Path(args.out) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    path = write_json(summary, Path(args.out) / "summary.json")
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

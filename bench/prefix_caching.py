@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.bench import report_of, save_run
-from loadgen.report import format_report
+from loadgen.report import format_report, machine, write_json
 from loadgen.runner import BenchConfig, run_bench
 from loadgen.workloads import WorkloadConfig
 
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     share = args.prefix_len / (args.prefix_len + args.suffix_len)
     summary = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "command": "python -m bench.prefix_caching " + " ".join(argv or sys.argv[1:]),
         "model": args.model or "default (SmolLM2-135M-Instruct)",
         "shared_prefix_share": round(share, 3),
@@ -132,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'speed-up (off/on)':<16}{summary['speedup_p50']:>9.2f}x"
           f"{summary['speedup_p99']:>9.2f}x")
     if args.out:
-        path = Path(args.out) / "summary.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        path = write_json(summary, Path(args.out) / "summary.json")
         print(f"wrote {path} and {args.out}/on, {args.out}/off", file=sys.stderr)
     return 0
 

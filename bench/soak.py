@@ -21,7 +21,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ import psutil
 
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.bench import report_of
+from loadgen.report import machine, write_json
 from loadgen.runner import BenchConfig, run_bench
 from loadgen.workloads import WorkloadConfig
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]),
         "capacity_rps": capacity, "offered_rps": rate, "minutes": args.minutes,
         "windows": len(windows),
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: summary[k] for k in ("capacity_rps", "offered_rps", "sent", "errors",
                                                "rss", "p99_ms")}, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary, Path(args.out))
     return 0 if not errors else 1
 
 

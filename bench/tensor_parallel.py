@@ -36,6 +36,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.parallel import CommTimer
 from engine.sampling_params import SamplingParams
+from loadgen.report import write_json
 
 
 def _free_port() -> int:
@@ -234,9 +235,7 @@ def main() -> None:
         "runs": runs,
     }
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,7 @@ def plot_cdfs(samples: Mapping[str, Sequence[float]], path: Path, title: str = "
         ax.legend(loc="lower right", fontsize=8)
     axes.flat[0].set_ylabel("fraction of requests")
     axes.flat[4].set_ylabel("fraction of requests")
-    if title:
-        fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_sweep(summary: Mapping[str, Any], path: Path, title: str = "") -> Path:
@@ -73,6 +68,10 @@ def plot_sweep(summary: Mapping[str, Any], path: Path, title: str = "") -> Path:
     for ax in axes:
         ax.set_xlabel("offered rate (requests/s)")
         ax.grid(alpha=0.3)
+    return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path: Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,11 @@ def _describe_arrival(a: dict[str, Any]) -> str:
     if kind == "concurrency":
         return f"concurrency {a['concurrency']}"
     return str(kind)
+
+
+def machine() -> str:
+    """The host, as benchmark records name it."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def write_json(obj: Any, path: Path) -> Path:

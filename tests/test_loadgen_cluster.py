@@ -65,6 +65,16 @@ def assert_accounted(report: dict, sent: int, warmup: int) -> None:
     assert sum(report["errors"].values()) == c["errored"]
 
 
+
+def poisoned(cfg, every_third: int, bad_token: int):
+    """The workload with request i's last token replaced by bad_token (out of the vocabulary)
+    where i % 3 == every_third."""
+    for spec in make_workload(cfg.workload, 0):
+        if spec.index % 3 == every_third:
+            spec = dataclasses.replace(spec, token_ids=[*spec.token_ids[:-1], bad_token])
+        yield spec
+
+
 def test_run_produces_a_complete_report(cluster):
     cfg = bench(cluster.address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
                 limits=Limits(num_requests=12, warmup_requests=2))
@@ -99,13 +109,7 @@ def test_openai_http_backend_reports_the_same_phases(cluster):
         bench(address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
               limits=Limits(num_requests=9, warmup_requests=1)), backend="openai")
 
-    def poisoned():
-        for spec in make_workload(cfg.workload, 0):
-            if spec.index % 3 == 2:
-                spec = dataclasses.replace(spec, token_ids=[*spec.token_ids[:-1], VOCAB + 7])
-            yield spec
-
-    result = asyncio.run(run_bench(cfg, workload=poisoned()))
+    result = asyncio.run(run_bench(cfg, workload=poisoned(cfg, 2, VOCAB + 7)))
     report = summarize(result.records, cfg.to_json())
     assert_accounted(report, sent=9, warmup=1)
     assert report["errors"] == {"INVALID_ARGUMENT": 3}
@@ -126,13 +130,7 @@ def test_invalid_requests_counted_as_invalid_argument(cluster):
     cfg = bench(cluster.address, arrival=ArrivalConfig(kind="concurrency", concurrency=2),
                 limits=Limits(num_requests=9, warmup_requests=3))
 
-    def poisoned():
-        for spec in make_workload(cfg.workload, 0):
-            if spec.index % 3 == 1:
-                spec = dataclasses.replace(spec, token_ids=[*spec.token_ids[:-1], VOCAB + 1000])
-            yield spec
-
-    result = asyncio.run(run_bench(cfg, workload=poisoned()))
+    result = asyncio.run(run_bench(cfg, workload=poisoned(cfg, 1, VOCAB + 1000)))
     report = summarize(result.records, cfg.to_json())
     assert_accounted(report, sent=9, warmup=3)
     bad = [r for r in result.records if r.index % 3 == 1]
