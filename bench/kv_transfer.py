@@ -32,7 +32,6 @@ figures as a ceiling, the large-N ones as the comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -69,6 +68,7 @@ from kv_transfer import (
     plan_head_routes,
 )
 from kv_transfer.ucx import SAFE_OPTIONS, UcxConfig
+from loadgen.report import write_json
 
 LAYOUT = KVLayout("SmolLM2-135M-Instruct", torch.float32, block_size=16, num_layers=30,
                   num_kv_heads=3, head_dim=64)
@@ -393,14 +393,13 @@ def main(argv: list[str] | None = None) -> None:
                 best = max(good, key=lambda r: r["gbps"]) if good else runs[0]
                 perftest[f"{name}/{n}"] = {**best, "gbps_runs": [r["gbps"] for r in good]}
     print_table(rows, perftest)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_json({
         "layout": {"model": LAYOUT.model_id, "block_bytes": LAYOUT.block_bytes,
                    "region_bytes": LAYOUT.region_bytes},
         "scatter": args.scatter, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "load_avg": os.getloadavg(), "machine": platform.node(), "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "safe_ucx_options": SAFE_OPTIONS,
-        "rows": rows, "ucx_perftest": perftest}, indent=2))
+        "rows": rows, "ucx_perftest": perftest}, args.out)
     print(f"wrote {args.out}")
 
 
@@ -410,14 +409,13 @@ def main_tp(args: argparse.Namespace, sizes: list[int]) -> None:
     rows = bench_tp(kinds, sizes, args.repeat, args.scatter)
     print_tp_table(rows)
     out = args.out or Path("bench/out/kv_transfer_tp.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json({
         "layout": {"model": LAYOUT.model_id, "block_bytes": LAYOUT.block_bytes,
                    "num_kv_heads": LAYOUT.num_kv_heads},
         "routes_tp2_to_tp1": [vars(r) for r in plan_head_routes(LAYOUT.num_kv_heads, 2, 1)],
         "scatter": args.scatter, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "load_avg": os.getloadavg(), "machine": platform.node(), "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=2))
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, out)
     print(f"wrote {out}")
 
 
