@@ -4,11 +4,13 @@ at a steady ~70% of measured capacity.
 1. Starts a local cluster (default model, 1 prefill + 1 decode, local redis-server when on
    PATH) and measures capacity: throughput of a closed loop at `--capacity-concurrency`.
 2. Offers Poisson load at `--load` × capacity for `--minutes`, as consecutive loadgen runs of
-   `--window-min` each, sampling the RSS of every process of the cluster (this driver with
-   the router, each worker actor, redis-server) every `--sample-s`.
-3. Reports per process the RSS slope (MB/min, least squares over the whole soak, after the
-   first window so warm-up allocation does not count), errors by status, and P99 TTFT/TPOT of
-   the first and the last window (drift = last / first). Target: flat memory, zero errors.
+   `--window-min` each, sampling every `--sample-s` the RSS of every process of the cluster
+   (this driver with the router, each worker actor, redis-server) and the C heap in use of
+   each worker (its /metrics).
+3. Reports per process the RSS slope and per worker the heap-in-use slope (MB/min, least
+   squares over the whole soak, after the first window so warm-up allocation does not count),
+   errors by status, and P99 TTFT/TPOT of the first and the last window (drift = last /
+   first). Target: flat memory, zero errors.
 
     python -m bench.soak [--minutes 30] [--window-min 5] [--load 0.7] [--model PATH]
 """
@@ -24,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +39,18 @@ from loadgen.runner import BenchConfig, run_bench
 from loadgen.workloads import WorkloadConfig
 
 
-class RssSampler(threading.Thread):
-    """RSS (MB) of the given processes every `every_s`, until stopped."""
+class MemorySampler(threading.Thread):
+    """Every `every_s`: the RSS (MB) of the given processes, and the C heap in use (MB) of
+    the workers, scraped from their /metrics (`pdserve:native_heap_in_use_bytes`). RSS
+    growing while the heap in use stays flat is allocator retention, not a leak."""
 
-    def __init__(self, pids: dict[str, int], every_s: float):
+    def __init__(self, pids: dict[str, int], metrics: dict[str, str], every_s: float):
         super().__init__(daemon=True)
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.metrics = metrics
         self.every_s = every_s
-        self.samples: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+        self.rss: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+        self.heap: dict[str, list[tuple[float, float]]] = {n: [] for n in metrics}
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -51,10 +58,29 @@ class RssSampler(threading.Thread):
             now = time.monotonic()
             for name, proc in self.procs.items():
                 try:
-                    self.samples[name].append((now, proc.memory_info().rss / 2**20))
+                    self.rss[name].append((now, proc.memory_info().rss / 2**20))
                 except psutil.Error:  # a dead process is itself a finding: no more samples
                     pass
+            for name, address in self.metrics.items():
+                heap = scrape_gauge(address, "pdserve:native_heap_in_use_bytes")
+                if heap is not None:
+                    self.heap[name].append((now, heap / 2**20))
             self.stopped.wait(self.every_s)
+
+
+def scrape_gauge(address: str, name: str) -> float | None:
+    """The value of gauge `name` on the /metrics page at host:port (first sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == name and family.samples:
+            return family.samples[0].value
+    return None
 
 
 def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
@@ -92,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     workload = WorkloadConfig(kind="random", input_len=args.input_len,
                               output_len=args.output_len, token_id_high=30000)
     with LocalCluster(ClusterConfig(model=args.model, port=0, worker_num_cpus=0.25)) as cluster:
-        pids = {"router+driver": os.getpid()}
+        pids, metrics = {"router+driver": os.getpid()}, {}
         for wid, actor in [*cluster.prefill.items(), *cluster.decode.items()]:
-            pids[wid] = ray.get(actor.ready.remote())["pid"]
+            info = ray.get(actor.ready.remote())
+            pids[wid], metrics[wid] = info["pid"], info["metrics"]
         if cluster._redis_proc is not None:
             pids["redis-server"] = cluster._redis_proc.pid
 
@@ -111,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.load * capacity
         print(f"soak: capacity {capacity:.2f} req/s; offering {rate:.2f} req/s for "
               f"{args.minutes:g} min", file=sys.stderr)
-        sampler = RssSampler(pids, args.sample_s)
+        sampler = MemorySampler(pids, metrics, args.sample_s)
         sampler.start()
         windows = []
         start = time.monotonic()
@@ -129,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stopped.set()
         sampler.join()
     skip = args.window_min * 60  # the first window warms caches and allocators up
-    rss = {}
-    for name, points in sampler.samples.items():
-        later = [p for p in points if p[0] - start >= skip] or points
-        rss[name] = {"first_mb": points[0][1] if points else None,
-                     "last_mb": points[-1][1] if points else None,
-                     "slope_mb_per_min": slope_mb_per_min(later), "samples": len(points)}
+    def memory(series: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+        out = {}
+        for name, points in series.items():
+            later = [p for p in points if p[0] - start >= skip] or points
+            out[name] = {"first_mb": points[0][1] if points else None,
+                         "last_mb": points[-1][1] if points else None,
+                         "slope_mb_per_min": slope_mb_per_min(later), "samples": len(points)}
+        return out
+
+    rss, heap = memory(sampler.rss), memory(sampler.heap)
     errors: dict[str, int] = {}
     for w in windows:
         for code, n in w["errors"].items():
@@ -152,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         "capacity_rps": capacity, "offered_rps": rate, "minutes": args.minutes,
         "windows": len(windows),
         "sent": sum(w["counts"]["sent"] for w in windows),
-        "errors": errors, "rss": rss,
+        "errors": errors, "rss": rss, "heap_in_use": heap,
         "p99_ms": {p: {"first": first[p]["p99"], "last": last[p]["p99"], "drift": drift(p)}
                    for p in ("ttft", "tpot", "e2e")},
         "load_avg": os.getloadavg(),
     }
     print(json.dumps({k: summary[k] for k in ("capacity_rps", "offered_rps", "sent", "errors",
-                                               "rss", "p99_ms")}, indent=2))
+                                               "rss", "heap_in_use", "p99_ms")}, indent=2))
     write_json(summary, Path(args.out))
     return 0 if not errors else 1
 

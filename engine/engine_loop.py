@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.engine import LLMEngine, RequestOutput
+from engine.native_heap import TRIM_INTERVAL_S, HeapTrimmer
 from engine.tp_engine import TPError
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class StepStats:
 class EngineLoop:
     def __init__(self, engine: LLMEngine,
                  on_outputs: Callable[[list[RequestOutput]], None],
-                 after_step: Callable[[], None] | None = None, name: str = "engine"):
+                 after_step: Callable[[], None] | None = None, name: str = "engine",
+                 heap_trim_interval_s: float = TRIM_INTERVAL_S):
         self.engine = engine
         self.stats = StepStats()
+        self.heap_trimmer = HeapTrimmer(heap_trim_interval_s)
         self._on_outputs = on_outputs
         self._after_step = after_step
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], object], Future]] = (
@@ -88,6 +91,7 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stopped.is_set():
             self._run_calls()
+            self.heap_trimmer.maybe_trim()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -97,6 +101,7 @@ class EngineLoop:
                 batch = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
                 outputs = self.engine.step()
                 elapsed = time.perf_counter() - start
+                self.heap_trimmer.worked()
                 if outputs or elapsed > 1e-3:
                     self.stats.record(elapsed, batch)
                 if outputs:

@@ -44,6 +44,7 @@ from engine.model_runner import (
     ModelRunner,
     StepInputs,
 )
+from engine.native_heap import TRIM_INTERVAL_S, HeapTrimmer
 from engine.parallel import CommTimer, TPGroup
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class TPFollower:
         self.config, self.tp = config, tp
         self.kv_layer_hook = kv_layer_hook
         self.steps = 0
+        self.heap_trimmer = HeapTrimmer(TRIM_INTERVAL_S)
         try:
             check_tp_config(config, tp)
             torch.manual_seed(config.seed)
@@ -238,6 +240,8 @@ class TPFollower:
                     return self.steps
                 on_layer = self.kv_layer_hook(inputs) if self.kv_layer_hook else None
                 self.runner.run(inputs, on_layer)
+                self.heap_trimmer.worked()
+                self.heap_trimmer.maybe_trim()
             except Exception as e:
                 log.error("TP rank %d: step %d failed: %s", self.tp.rank, self.steps, e)
                 raise _failed(self.tp, f"step {self.steps}", e) from e

@@ -6,7 +6,14 @@ up --metrics-port P` serves it over HTTP for Prometheus to scrape.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 # Latency buckets (seconds): sub-millisecond phases (transfer on one host) up to long decodes.
 FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -98,6 +105,13 @@ class RouterMetrics:
         return generate_latest(self.registry)
 
 
+def _heap_in_use_bytes() -> float:
+    from engine.native_heap import heap_stats
+
+    stats = heap_stats()
+    return float("nan") if stats is None else stats.in_use_bytes
+
+
 class WorkerMetrics:
     """One pool worker's metrics, labelled by pool and worker, served by the worker itself
     (`serve()` on a free port; the launcher lists every target)."""
@@ -127,6 +141,13 @@ class WorkerMetrics:
         self._transfer_bytes = Counter("pdserve:kv_transfer_bytes_total",
                                        "KV bytes sent (prefill) or received (decode)",
                                        labels + ["transport"], registry=r)
+        # RSS minus what the C heap holds but does not use tells allocator retention from a
+        # leak (engine/native_heap.py); process_resident_memory_bytes comes with ProcessCollector
+        ProcessCollector(registry=r)
+        self.heap_in_use = Gauge("pdserve:native_heap_in_use_bytes",
+                                 "Bytes the C heap has allocated and not freed (glibc)",
+                                 labels, registry=r).labels(*self._labels)
+        self.heap_in_use.set_function(_heap_in_use_bytes)
         self._server = None
         self.port = 0
 
