@@ -8,7 +8,8 @@ at a steady ~70% of measured capacity.
    (this driver with the router, each worker actor, redis-server) and the C heap in use of
    each worker (its /metrics).
 3. Reports per process the RSS slope and per worker the heap-in-use slope (MB/min, least
-   squares over the whole soak, after the first window so warm-up allocation does not count),
+   squares over the whole soak, after the first window so warm-up allocation does not count;
+   also over each minute's lowest sample, which leaves out the activations of steps in flight),
    errors by status, and P99 TTFT/TPOT of the first and the last window (drift = last /
    first). Target: flat memory, zero errors.
 
@@ -32,11 +33,11 @@ from typing import Any
 
 import psutil
 
+from bench.common import add_load_args, capacity_rps, random_workload
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.bench import report_of
 from loadgen.report import machine, write_json
 from loadgen.runner import BenchConfig, run_bench
-from loadgen.workloads import WorkloadConfig
 
 
 class MemorySampler(threading.Thread):
@@ -95,18 +96,26 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
     return 60 * sum((t - mt) * (r - mr) for t, r in points) / var
 
 
+def floors(points: list[tuple[float, float]], every_s: float = 60.0
+           ) -> list[tuple[float, float]]:
+    """The lowest sample of each `every_s` bucket. Under load a sample may land mid-step and
+    count that step's activations; the floor is what stays allocated between steps, so a leak
+    raises it and a large batch does not."""
+    buckets: dict[int, tuple[float, float]] = {}
+    for t, mb in points:
+        k = int(t // every_s)
+        if k not in buckets or mb < buckets[k][1]:
+            buckets[k] = ((k + 0.5) * every_s, mb)
+    return [buckets[k] for k in sorted(buckets)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None)
+    add_load_args(ap)
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--window-min", type=float, default=5.0)
     ap.add_argument("--load", type=float, default=0.7, help="fraction of measured capacity")
-    ap.add_argument("--capacity-concurrency", type=int, default=8)
-    ap.add_argument("--capacity-requests", type=int, default=40)
-    ap.add_argument("--input-len", default="uniform:64:256")
-    ap.add_argument("--output-len", default="uniform:8:32")
     ap.add_argument("--sample-s", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/soak.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -115,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from router.cluster import ClusterConfig, LocalCluster
 
-    workload = WorkloadConfig(kind="random", input_len=args.input_len,
-                              output_len=args.output_len, token_id_high=30000)
+    workload = random_workload(args)
     with LocalCluster(ClusterConfig(model=args.model, port=0, worker_num_cpus=0.25)) as cluster:
         pids, metrics = {"router+driver": os.getpid()}, {}
         for wid, actor in [*cluster.prefill.items(), *cluster.decode.items()]:
@@ -129,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return report_of(asyncio.run(run_bench(config)))
 
         print("soak: measuring capacity ...", file=sys.stderr)
-        cap = run(BenchConfig(address=cluster.address, seed=args.seed, workload=workload,
-                              arrival=ArrivalConfig(kind="concurrency",
-                                                    concurrency=args.capacity_concurrency),
-                              limits=Limits(num_requests=args.capacity_requests,
-                                            warmup_requests=4)))
-        capacity = cap["throughput"]["requests_per_s"]
+        capacity = capacity_rps(cluster.address, args)
         rate = args.load * capacity
         print(f"soak: capacity {capacity:.2f} req/s; offering {rate:.2f} req/s for "
               f"{args.minutes:g} min", file=sys.stderr)
@@ -162,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             later = [p for p in points if p[0] - start >= skip] or points
             out[name] = {"first_mb": points[0][1] if points else None,
                          "last_mb": points[-1][1] if points else None,
-                         "slope_mb_per_min": slope_mb_per_min(later), "samples": len(points)}
+                         "slope_mb_per_min": slope_mb_per_min(later),
+                         "floor_slope_mb_per_min": slope_mb_per_min(floors(later)),
+                         "samples": len(points),
+                         "series": [(round(t - start, 1), round(mb, 2)) for t, mb in points]}
         return out
 
     rss, heap = memory(sampler.rss), memory(sampler.heap)
@@ -188,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                    for p in ("ttft", "tpot", "e2e")},
         "load_avg": os.getloadavg(),
     }
-    print(json.dumps({k: summary[k] for k in ("capacity_rps", "offered_rps", "sent", "errors",
-                                               "rss", "heap_in_use", "p99_ms")}, indent=2))
+    brief = {k: summary[k] for k in ("capacity_rps", "offered_rps", "sent", "errors", "p99_ms")}
+    for kind in ("rss", "heap_in_use"):
+        brief[kind] = {name: {k: v for k, v in body.items() if k != "series"}
+                       for name, body in summary[kind].items()}
+    print(json.dumps(brief, indent=2))
     write_json(summary, Path(args.out))
     return 0 if not errors else 1
 

@@ -13,14 +13,27 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.report import format_report, format_sweep, sweep_summary, write_json, write_records
 from loadgen.runner import BenchConfig, RunResult, run_bench, run_sweep
 from loadgen.stats import phase_samples, summarize
+from loadgen.workloads import WorkloadConfig
 
 
 def report_of(result: RunResult) -> dict[str, Any]:
     return summarize(result.records, result.config.to_json(),
                      {"started_at": result.started_at, "wall_s": result.wall_s})
+
+
+def measure_capacity(address: str, workload: WorkloadConfig, *, concurrency: int = 8,
+                     num_requests: int = 40, seed: int = 0) -> float:
+    """Requests/s a closed loop of `concurrency` clients gets: the capacity that load
+    fractions (the soak's 70%, the overload bench's 3x) are taken of."""
+    result = asyncio.run(run_bench(BenchConfig(
+        address=address, seed=seed, workload=workload,
+        arrival=ArrivalConfig(kind="concurrency", concurrency=concurrency),
+        limits=Limits(num_requests=num_requests, warmup_requests=4))))
+    return report_of(result)["throughput"]["requests_per_s"]
 
 
 def save_run(result: RunResult, report: dict[str, Any], out: Path, *, plots: bool = True

@@ -156,6 +156,28 @@ def test_overload_counted_as_resource_exhausted(cluster):
     assert report["counts"]["succeeded"] >= 1
 
 
+def test_capacity_and_overload_figures_account_for_every_request(cluster):
+    """bench/overload.py's figures from a real overloaded run: every refusal counted with its
+    latency, per class and in total, the rest admitted; and the capacity a closed loop gets."""
+    from bench.overload import phase_figures
+    from loadgen.bench import measure_capacity
+
+    assert measure_capacity(cluster.address, WORKLOAD, concurrency=2, num_requests=6) > 0
+    cfg = bench(cluster.address, arrival=ArrivalConfig(kind="burst", burst_size=12,
+                                                       burst_interval_s=0.2),
+                limits=Limits(num_requests=24))
+    result = asyncio.run(run_bench(cfg))
+    errors = summarize(result.records, cfg.to_json())["errors"]
+    figures = phase_figures(result.records)
+    total = figures["all"]
+    assert total["refused"] == errors["RESOURCE_EXHAUSTED"] >= 1
+    assert total["admitted"] + total["refused"] + total["num_other_errors"] == 24
+    assert total["refusal_ms"]["p99"] is not None and total["ttft_ms"]["p99"] is not None
+    assert {"chat", "bulk"} <= set(figures)
+    assert sum(figures[c]["refused"] for c in ("chat", "bulk")) == total["refused"]
+    assert sum(figures[c]["admitted"] for c in ("chat", "bulk")) == total["admitted"]
+
+
 def test_cli_sweep_writes_reports_plots_and_compares(cluster, tmp_path, capsys):
     out = tmp_path / "sweep"
     rc = loadgen_main(["bench", "--address", cluster.address, "--sweep", "20,40",
