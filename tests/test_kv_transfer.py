@@ -90,14 +90,20 @@ def test_random_bytes_never_crash_the_header_parser(data):
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=8))
 def test_corrupted_headers_decode_or_fail_cleanly(flips):
-    raw = bytearray(KVHeader(MsgKind.BEGIN, layout(), "r1", 4, 32).encode())
+    assert_corrupts_cleanly(KVHeader(MsgKind.BEGIN, layout(), "r1", 4, 32).encode(), flips)
+
+
+def assert_corrupts_cleanly(encoded: bytes, flips: list[tuple[int, int]]) -> None:
+    """With bytes overwritten, a header either fails with HeaderError or decodes to one that
+    re-encodes to exactly those bytes (strict: no slack bits)."""
+    raw = bytearray(encoded)
     for pos, value in flips:
         raw[pos % len(raw)] = value
     try:
-        h = KVHeader.decode(bytes(raw))
+        got = KVHeader.decode(bytes(raw))
     except HeaderError:
         return
-    assert h.encode() == bytes(raw)[: KVHeader.total_size(raw)]
+    assert got.encode() == bytes(raw)[: KVHeader.total_size(raw)]
 
 
 @settings(max_examples=400, deadline=None)
@@ -109,15 +115,8 @@ def test_begin_head_slice_round_trips_and_corrupts_cleanly(src, dst, count, flip
     except ValueError:  # past MAX_KV_HEADS: cannot even be built
         assume(False)
     h = KVHeader(MsgKind.BEGIN, layout(tp_rank=1, tp_size=2), "r1", 4, 32, heads=heads)
-    raw = bytearray(h.encode())
-    assert KVHeader.decode(bytes(raw)) == h
-    for pos, value in flips:
-        raw[pos % len(raw)] = value
-    try:
-        got = KVHeader.decode(bytes(raw))
-    except HeaderError:
-        return
-    assert got.encode() == bytes(raw)[: KVHeader.total_size(raw)]  # strict: no slack bits
+    assert KVHeader.decode(h.encode()) == h
+    assert_corrupts_cleanly(h.encode(), flips)
 
 
 def test_head_fields_are_checked():
