@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 
 TRIM_INTERVAL_S = 10.0  # what the engine loops use
@@ -45,21 +44,14 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-@dataclass(frozen=True)
-class HeapStats:
-    in_use_bytes: int  # allocated and not yet freed (arenas + mmapped chunks)
-    arena_bytes: int  # the arenas' size, free chunks included
-    mmap_bytes: int  # large chunks glibc mmapped on their own
-
-
-def heap_stats() -> HeapStats | None:
-    """The C heap now (summed over every arena), or None without glibc."""
+def heap_in_use_bytes() -> int | None:
+    """Bytes the C heap has allocated and not freed (every arena, plus chunks glibc mmapped
+    on their own), or None without glibc."""
     libc = _libc()
     if libc is None:
         return None
     m = libc.mallinfo2()
-    return HeapStats(in_use_bytes=m.uordblks + m.hblkhd, arena_bytes=m.arena,
-                     mmap_bytes=m.hblkhd)
+    return m.uordblks + m.hblkhd
 
 
 def trim() -> bool:

@@ -106,10 +106,10 @@ class RouterMetrics:
 
 
 def _heap_in_use_bytes() -> float:
-    from engine.native_heap import heap_stats
+    from engine.native_heap import heap_in_use_bytes
 
-    stats = heap_stats()
-    return float("nan") if stats is None else stats.in_use_bytes
+    in_use = heap_in_use_bytes()
+    return float("nan") if in_use is None else in_use
 
 
 class WorkerMetrics:

@@ -11,10 +11,10 @@ import pytest
 from test_engine_vs_hf import make_engine
 
 from engine.engine_loop import EngineLoop
-from engine.native_heap import HeapTrimmer, heap_stats, trim
+from engine.native_heap import HeapTrimmer, heap_in_use_bytes, trim
 from engine.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(heap_stats() is None, reason="needs glibc >= 2.33")
+pytestmark = pytest.mark.skipif(heap_in_use_bytes() is None, reason="needs glibc >= 2.33")
 
 CHUNK = 64 * 1024  # below glibc's mmap threshold: these come from the arena
 COUNT = 1024  # 64 MiB
@@ -36,14 +36,14 @@ def _touched_chunks(libc: ctypes.CDLL) -> list[int]:
     return ptrs
 
 
-def test_heap_stats_count_what_is_allocated_and_freed():
+def test_heap_in_use_counts_what_is_allocated_and_freed():
     libc = _libc()
-    before = heap_stats().in_use_bytes
+    before = heap_in_use_bytes()
     ptrs = _touched_chunks(libc)
-    during = heap_stats().in_use_bytes
+    during = heap_in_use_bytes()
     for p in ptrs:
         libc.free(p)
-    after = heap_stats().in_use_bytes
+    after = heap_in_use_bytes()
     assert during - before >= COUNT * CHUNK
     assert during - after >= COUNT * CHUNK * 0.99
 
