@@ -31,40 +31,39 @@ from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.record import RequestRecord
 from loadgen.report import machine, write_json
 from loadgen.runner import BenchConfig, run_bench
-from loadgen.stats import measured_window_s, summarize_values
+from loadgen.stats import summarize, summarize_values
 from loadgen.workloads import TrafficClass
 
 REFUSED = "RESOURCE_EXHAUSTED"
 
 
-def class_figures(records: list[RequestRecord], window_s: float) -> dict[str, Any]:
-    """One traffic class of one phase (`window_s`: the phase's measured seconds)."""
-    measured = [r for r in records if not r.warmup]
-    admitted = [r for r in measured if r.ok]
-    refused = [r for r in measured if r.status == REFUSED]
-    other = [r for r in measured if not r.ok and r.status != REFUSED]
-    refusal_ms = summarize_values([(r.end_s - r.send_s) * 1e3 for r in refused])
-    ttft = summarize_values([r.ttft_ms for r in admitted if r.ttft_ms is not None])
-    tpot = summarize_values([r.tpot_ms for r in admitted if r.tpot_ms is not None])
+def class_figures(summary: dict[str, Any], records: list[RequestRecord]) -> dict[str, Any]:
+    """One traffic class of one phase: its loadgen summary (`loadgen.stats.summarize`), plus
+    what that leaves out: how fast refusals came, and SLO attainment among the admitted."""
+    counts, errors, phases = summary["counts"], summary["errors"], summary["phases"]
+    refused = errors.get(REFUSED, 0)
+    refusal_ms = summarize_values([(r.end_s - r.send_s) * 1e3 for r in records
+                                   if not r.warmup and r.status == REFUSED])
     return {
-        "sent": len(measured), "admitted": len(admitted), "refused": len(refused),
-        "other_errors": sorted({r.status for r in other}), "num_other_errors": len(other),
-        "refused_share": len(refused) / len(measured) if measured else None,
+        "sent": counts["sent"], "admitted": counts["succeeded"], "refused": refused,
+        "other_errors": sorted(set(errors) - {REFUSED}),
+        "num_other_errors": counts["errored"] - refused,
+        "refused_share": refused / counts["sent"] if counts["sent"] else None,
         "refusal_ms": {"p50": refusal_ms["p50"], "p99": refusal_ms["p99"],
                        "max": refusal_ms["max"]},
-        "admitted_slo_attainment": (sum(r.met_slo for r in admitted) / len(admitted)
-                                    if admitted else None),
-        "goodput_rps": sum(r.met_slo for r in measured) / window_s if window_s else None,
-        "ttft_ms": {"p50": ttft["p50"], "p99": ttft["p99"]},
-        "tpot_ms": {"p99": tpot["p99"]},
+        "admitted_slo_attainment": (summary["goodput"]["requests"] / counts["succeeded"]
+                                    if counts["succeeded"] else None),
+        "goodput_rps": summary["goodput"]["requests_per_s"],
+        "ttft_ms": {"p50": phases["ttft"]["p50"], "p99": phases["ttft"]["p99"]},
+        "tpot_ms": {"p99": phases["tpot"]["p99"]},
     }
 
 
 def phase_figures(records: list[RequestRecord]) -> dict[str, Any]:
-    window = measured_window_s(records)
-    out = {"all": class_figures(records, window)}
-    for name in sorted({r.traffic_class for r in records}):
-        out[name] = class_figures([r for r in records if r.traffic_class == name], window)
+    report = summarize(records, {})
+    out = {"all": class_figures(report, records)}
+    for name, summary in report["classes"].items():
+        out[name] = class_figures(summary, [r for r in records if r.traffic_class == name])
     return out
 
 
