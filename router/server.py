@@ -407,10 +407,10 @@ class Router:
                 sent = time.monotonic()
                 result = await self._prefill(placement, run.worker_rid, prompt, seg, resv)
             finally:
-                ok = not result.get("error")
-                self.slo.release(placement, seg_info,
-                                 prefill_s=result.get("prefill_s") if ok else None,
-                                 transfer_s=result.get("transfer_s") if ok else None)
+                # Served: the first token came back (an exception leaves `result` empty).
+                served = ("prefill_s" in result and not result.get("error")
+                          and result.get("finish_reason") != "abort")
+                self.slo.release(placement, seg_info, served=served)
             if result.get("finish_reason") == "abort" and not result.get("error"):
                 result["error"] = "the prefill worker aborted the request"
             if result.get("error"):
@@ -485,7 +485,6 @@ class Router:
         run.prefill_id = run.decode_id = placement.worker_id
         run.worker_rid = run.request_id
         sent = time.monotonic()
-        prefill_s: float | None = None
         released = False
         try:
             actor = self.prefill[placement.worker_id]
@@ -497,12 +496,11 @@ class Router:
                 if item.get("error"):
                     raise RequestFailed(f"worker {placement.worker_id}: {item['error']}")
                 if "prefill_s" in item:
-                    prefill_s = item["prefill_s"]
                     run.cached_tokens = item["num_cached_tokens"]
                     run.timing.queued_ms = 1e3 * (sent - run.arrival + item["queued_s"])
-                    run.timing.prefill_ms = 1e3 * prefill_s
+                    run.timing.prefill_ms = 1e3 * item["prefill_s"]
                     run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
-                    self.slo.release(placement, info, prefill_s=prefill_s, transfer_s=0.0)
+                    self.slo.release(placement, info, served=True)
                     released = True
                 response, last = self._relay(run, item)
                 if response is not None:

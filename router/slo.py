@@ -3,9 +3,22 @@
 Pure bookkeeping on one asyncio event loop: no I/O, no threads, no locks; the clock is injected.
 
 Contract:
-- `TimingModel` fits seconds ≈ a + b*x online (exponentially weighted least squares) from
-  priors; one per prefill worker for prefill time (x = uncached tokens) and transfer time
-  (x = prompt blocks), one per decode worker for step time (x = batch size).
+- A request's TTFT on a prefill worker is predicted as its wait for a slot plus its service
+  from grant to first token, from two models per worker learnt at every first token:
+  - service time (`TimingModel`, seconds ≈ a + b*x): grant to first token against x = the
+    uncached prompt tokens in flight on the worker right after the grant, its own included.
+    It covers everything in between: waiting inside the worker's engine, batched prefill,
+    KV transfer. Learnt against the work in flight, not the request's own tokens: a worker
+    prefills its in-flight requests in shared batches, so per-request times do not add up
+    (summing them over-counted the work about 2× at 4 in flight).
+  - throughput (`Throughput`): uncached tokens brought to their first token per second that
+    the worker had a slot granted. Slots free at this rate, so it sets the wait for one: the
+    queued tokens served first (the worker's share) and half an in-flight request.
+- Higher priorities keep overtaking a waiting request: its wait is a priority queue's busy
+  period, served at the throughput less the token rate admitted at higher priorities over
+  the last `rate_window_s`, with a margin for their bursts (see `_ttft`). When they take the
+  whole throughput the wait is infinite: at overload, lower priorities are refused first.
+- `TimingModel` also fits each decode worker's step time (x = batch size).
 - `SLOScheduler.admit(req, hits)` is the early-rejection check (Mooncake-style): it raises
   `Rejected` when there is no prefill worker, the router queue is full, or the system is
   saturated and no worker's predicted TTFT fits the request's remaining TTFT budget. It never
@@ -15,7 +28,8 @@ Contract:
   waiter synchronously when it frees, so a later arrival can never take it first. Waiting
   with no prefill worker at all waits until one is added (the caller owns timeouts).
 - Every placement must be handed back with `release(placement, req, ...)` (on success or
-  failure); a second release of the same placement is a no-op.
+  failure), at the request's first token when it has one (`served=True`: both models learn
+  from it); a second release of the same placement is a no-op.
 - `rank_decode(req)` orders decode workers by fit (free KV blocks, predicted TPOT); the router
   keeps it fresh with `update_decode` (worker stats) and `note_decode_reserved` (between stats).
 - Removing a worker drops it at once: its slots vanish and no waiter is granted it. Its
@@ -27,6 +41,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import math
@@ -61,6 +76,7 @@ class TimingModel:
         self._prior = float(prior_weight)
         # Weighted sums of 1, x, y, x*x, x*y over the observations.
         self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._sq_err = 0.0  # weighted sum of squared prediction errors
         self._a, self._b = self.a0, self.b0
 
     @property
@@ -76,6 +92,8 @@ class TimingModel:
         if not (math.isfinite(x) and math.isfinite(y)):
             return  # one NaN would poison the sums for good
         d = self.decay
+        err = y - self.predict(x)
+        self._sq_err = self._sq_err * d + err * err
         self._prior *= d
         self._w = self._w * d + 1.0
         self._sx = self._sx * d + x
@@ -88,9 +106,11 @@ class TimingModel:
     def predict(self, x: float) -> float:
         return max(0.0, self._a + self._b * x)
 
-    def predict_total(self, count: int, x_sum: float) -> float:
-        """Summed prediction for `count` items whose x add up to `x_sum` (never negative)."""
-        return max(0.0, count * self._a + self._b * x_sum) if count > 0 else 0.0
+    @property
+    def spread(self) -> float:
+        """Root mean square of the errors the model made predicting each observation before
+        learning it (weighted like the fit): how far off a prediction is, typically."""
+        return math.sqrt(self._sq_err / self._w) if self._w else 0.0
 
     def _refit(self) -> None:
         w, p = self._w, self._prior
@@ -110,7 +130,41 @@ class TimingModel:
         self._a, self._b = level - b * mx, b
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"a": self._a, "b": self._b, "n": self.n}
+        return {"a": self._a, "b": self._b, "spread": self.spread, "n": self.n}
+
+
+class Throughput:
+    """Work units per second of busy time: the ratio of two sums that forget with a half-life
+    of busy time, starting from a prior rate worth `prior_s` busy seconds.
+
+    A ratio of sums, not a fit per observation: work is completed in batches, so single
+    intervals between completions say little (a batch's first completion carries its whole
+    time, the rest none), while the sums over many are the throughput.
+    """
+
+    def __init__(self, prior_rate: float, *, prior_s: float = 0.01, half_life_s: float = 30.0):
+        if prior_rate <= 0 or prior_s <= 0 or half_life_s <= 0:
+            raise ValueError(f"prior_rate={prior_rate}, prior_s={prior_s} and "
+                             f"half_life_s={half_life_s} must all be positive")
+        self.half_life_s = float(half_life_s)
+        self.n = 0
+        self._work, self._seconds = prior_rate * prior_s, float(prior_s)
+
+    @property
+    def rate(self) -> float:
+        return self._work / self._seconds
+
+    def observe(self, work: float, busy_s: float) -> None:
+        """`work` completed over `busy_s` more seconds of busy time."""
+        if not (math.isfinite(work) and math.isfinite(busy_s)) or work < 0 or busy_s < 0:
+            return  # one NaN or negative would poison the sums for good
+        keep = 0.5 ** (busy_s / self.half_life_s)
+        self._work = self._work * keep + work
+        self._seconds = self._seconds * keep + busy_s
+        self.n += 1
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"rate": self.rate, "n": self.n}
 
 
 @dataclass(frozen=True)
@@ -163,14 +217,21 @@ class PrefillPlacement:
 class _PrefillWorker:
     worker_id: str
     slots: int
-    prefill: TimingModel
-    transfer: TimingModel
+    service: TimingModel  # grant to first token, against uncached tokens in flight at grant
+    throughput: Throughput  # uncached tokens to first token per busy second
     busy: int = 0
     inflight_tokens: int = 0  # uncached prompt tokens of the granted, unreleased requests
+    busy_s: float = 0.0  # busy time not yet credited to the throughput
+    since: float = 0.0  # clock() of the last change of `busy`
 
     @property
     def free(self) -> int:
         return self.slots - self.busy
+
+    def set_busy(self, busy: int, now: float) -> None:
+        if self.busy > 0:
+            self.busy_s += now - self.since
+        self.busy, self.since = busy, now
 
 
 @dataclass(slots=True)
@@ -185,6 +246,7 @@ class _DecodeWorker:
 class _Grant:
     worker: _PrefillWorker  # the object, not the id: a re-added worker is a new object
     uncached_tokens: int
+    work_at_grant: int  # the worker's uncached tokens in flight right after this grant
 
 
 @dataclass(slots=True, eq=False)
@@ -209,10 +271,11 @@ class SLOScheduler:
         *,
         slots_per_worker: int = 4,
         max_queue: int = 256,
-        prefill_prior: tuple[float, float] = (0.005, 0.0002),  # s = a + b * uncached tokens
-        transfer_prior: tuple[float, float] = (0.001, 0.0001),  # s = a + b * blocks
+        service_prior: tuple[float, float] = (0.005, 0.0002),  # s = a + b * tokens in flight
         decode_prior: tuple[float, float] = (0.005, 0.0005),  # step s = a + b * batch size
         decay: float = 0.9,
+        rate_window_s: float = 30.0,  # admitted token rates per priority look this far back
+        margin_sigmas: float = 2.0,  # standard deviations of noise predictions allow for
         tie_tolerance: float = 0.2,  # predicted TTFTs within 20% + tie_slack_s count as equal
         tie_slack_s: float = 0.002,
         clock: Callable[[], float] = time.monotonic,
@@ -222,9 +285,15 @@ class SLOScheduler:
         self.slots_per_worker = slots_per_worker
         self.max_queue = max_queue
         self.tie_tolerance, self.tie_slack_s = tie_tolerance, tie_slack_s
-        self._priors = (prefill_prior, transfer_prior, decode_prior)
+        if rate_window_s <= 0:
+            raise ValueError(f"rate_window_s must be positive, got {rate_window_s}")
+        self._service_prior = service_prior
+        self._decode_prior = decode_prior
         self._decay = decay
+        self.rate_window_s, self.margin_sigmas = rate_window_s, margin_sigmas
         self._clock = clock
+        self._started = clock()
+        self._admitted: collections.deque[tuple[float, int, int]] = collections.deque()
         self._prefill: dict[str, _PrefillWorker] = {}
         self._decode: dict[str, _DecodeWorker] = {}
         self._heap: list[_Entry] = []
@@ -244,10 +313,9 @@ class SLOScheduler:
         slots = self.slots_per_worker if slots is None else slots
         if slots < 1:
             raise ValueError(f"prefill worker {worker_id}: slots must be >= 1, got {slots}")
-        (pa, pb), (ta, tb), _ = self._priors
         self._prefill[worker_id] = _PrefillWorker(
-            worker_id, slots,
-            TimingModel(pa, pb, self._decay), TimingModel(ta, tb, self._decay))
+            worker_id, slots, TimingModel(*self._service_prior, self._decay),
+            Throughput(self._service_prior[1] ** -1), since=self._clock())
         self._dispatch()
 
     def remove_prefill_worker(self, worker_id: str) -> None:
@@ -255,7 +323,7 @@ class SLOScheduler:
 
     def add_decode_worker(self, worker_id: str) -> None:
         if worker_id not in self._decode:
-            a, b = self._priors[2]
+            a, b = self._decode_prior
             self._decode[worker_id] = _DecodeWorker(worker_id, TimingModel(a, b, self._decay))
 
     def remove_decode_worker(self, worker_id: str) -> None:
@@ -268,11 +336,9 @@ class SLOScheduler:
         return len(self._heap)
 
     def predict_ttft(self, worker_id: str, req: RequestInfo, cached_tokens: int) -> float:
-        """Seconds from now to req's first token if placed on worker_id: the work already on
-        that worker, plus the queued requests served before req spread over all workers, plus
-        req's own prefill (uncached tokens) and KV transfer."""
-        n_ahead, tokens_ahead = self._queue_ahead(req)
-        return self._ttft(self._prefill[worker_id], req, cached_tokens, n_ahead, tokens_ahead)
+        """Seconds from now to req's first token if placed on worker_id (see module doc)."""
+        return self._ttft(self._prefill[worker_id], req, cached_tokens, self._queue_ahead(req),
+                          self._rate_above(req.priority))
 
     def admit(self, req: RequestInfo, hits: Mapping[str, int]) -> None:
         if not self._prefill:
@@ -283,23 +349,27 @@ class SLOScheduler:
         saturated = bool(self._heap) or all(w.free <= 0 for w in self._prefill.values())
         if not saturated or req.ttft_slo_s is None:
             return
-        n_ahead, tokens_ahead = self._queue_ahead(req)
+        ahead, above = self._queue_ahead(req), self._rate_above(req.priority)
         best, best_id = min(
-            (self._ttft(w, req, req.cached_tokens(hits.get(wid, 0)), n_ahead, tokens_ahead), wid)
+            (self._ttft(w, req, req.cached_tokens(hits.get(wid, 0)), ahead, above), wid)
             for wid, w in self._prefill.items())
         budget = req.deadline - self._clock()
         if best > budget:
+            why = (f"higher priorities take all prefill throughput ({above[0]:.0f} tokens/s)"
+                   if math.isinf(best) else
+                   f"best predicted TTFT {best * 1e3:.1f} ms on {best_id} exceeds the remaining "
+                   f"budget {budget * 1e3:.1f} ms")
             raise Rejected(
                 f"request {req.request_id}: prefill saturated ({len(self._heap)} queued, "
-                f"{n_ahead} ahead); best predicted TTFT {best * 1e3:.1f} ms on {best_id} exceeds "
-                f"the remaining budget {budget * 1e3:.1f} ms (TTFT SLO {req.ttft_slo_s * 1e3:.1f} "
-                f"ms)")
+                f"{ahead[0]} ahead); {why} (TTFT SLO {req.ttft_slo_s * 1e3:.1f} ms)")
 
     async def acquire(self, req: RequestInfo, hits: Mapping[str, int]) -> PrefillPlacement:
         hits = dict(hits)
         known = [hits.get(wid, 0) for wid in self._prefill] or [0]
         waiter = _Waiter(req, hits, asyncio.get_running_loop().create_future(),
                          req.num_prompt_tokens - req.cached_tokens(max(known)))
+        self._admitted.append((self._clock(), req.priority, waiter.uncached_tokens))
+        self._forget_admitted()
         heapq.heappush(self._heap, (-req.priority, req.deadline, next(self._seq), waiter))
         self._dispatch()  # grants at once when a slot is free (awaiting a done future won't yield)
         try:
@@ -314,18 +384,20 @@ class SLOScheduler:
             raise
 
     def release(self, placement: PrefillPlacement, req: RequestInfo, *,
-                prefill_s: float | None = None, transfer_s: float | None = None) -> None:
-        """Free the slot; learn from the timings given (None, e.g. on failure: learn nothing)."""
+                served: bool = False) -> None:
+        """Free the slot. `served`: the request's first token arrived just now; the service
+        time and throughput learn from it. Not served (a failure): nothing is learnt, and its
+        busy time is credited with the next request served (a pessimistic throughput)."""
         grant = self._grants.pop(placement.grant_id, None)
         if grant is None:
             return
-        w = grant.worker
-        w.busy -= 1
+        w, now = grant.worker, self._clock()
+        w.set_busy(w.busy - 1, now)
         w.inflight_tokens -= grant.uncached_tokens
-        if prefill_s is not None:
-            w.prefill.observe(grant.uncached_tokens, prefill_s)
-        if transfer_s is not None:
-            w.transfer.observe(req.num_blocks, transfer_s)
+        if served:
+            w.service.observe(grant.work_at_grant, now - placement.granted_at)
+            w.throughput.observe(grant.uncached_tokens, w.busy_s)
+            w.busy_s = 0.0
         self._dispatch()
 
     def _queue_ahead(self, req: RequestInfo) -> tuple[int, int]:
@@ -335,15 +407,57 @@ class SLOScheduler:
         ahead = [e[3].uncached_tokens for e in self._heap if e[:3] < key]
         return len(ahead), sum(ahead)
 
+    def _forget_admitted(self) -> float:
+        """Drop admissions older than the rate window; returns now."""
+        now = self._clock()
+        while self._admitted and self._admitted[0][0] < now - self.rate_window_s:
+            self._admitted.popleft()
+        return now
+
+    def _rate_above(self, priority: int) -> tuple[float, float]:
+        """Admitted at priorities above `priority` lately, per second: (uncached tokens,
+        squared uncached tokens per request). The second makes the variance of that work:
+        over T seconds of Poisson arrivals it is T times the mean square per second."""
+        now = self._forget_admitted()
+        # Young schedulers divide by the time they have seen (at least a second), not the
+        # whole window, so a burst right after start counts at its true rate.
+        span = max(1.0, min(self.rate_window_s, now - self._started))
+        above = [t for _, p, t in self._admitted if p > priority]
+        return sum(above) / span, sum(t * t for t in above) / span
+
     def _ttft(self, w: _PrefillWorker, req: RequestInfo, cached_tokens: int,
-              n_ahead: int, tokens_ahead: int) -> float:
+              ahead: tuple[int, int], rate_above: tuple[float, float]) -> float:
+        """Seconds from now to req's first token on w: the wait for a slot, then the service
+        from grant to first token. `ahead`: (count, uncached tokens) of the queued requests
+        served before req; `rate_above`: see `_rate_above`."""
         uncached = req.num_prompt_tokens - max(0, min(cached_tokens, req.num_prompt_tokens - 1))
-        # In-flight requests counted as if run one after another: batching overlaps them, but
-        # they share the same compute, so the total work is what delays a newcomer.
-        inflight = w.prefill.predict_total(w.busy, w.inflight_tokens)
-        queued = w.prefill.predict_total(n_ahead, tokens_ahead) / max(1, len(self._prefill))
-        return (inflight + queued + w.prefill.predict(uncached)
-                + w.transfer.predict(req.num_blocks))
+        if w.free > 0:  # granted at once (a free slot means nobody is queued)
+            return self._service(w, w.inflight_tokens + uncached)
+        # Full: slots free one at a time as in-flight requests reach their first token, at the
+        # worker's throughput. req is granted a slot once the queued work ahead of it (its
+        # share of it on this worker) and the rest of the oldest in-flight request are done;
+        # then it is served like any request granted on a full worker.
+        n = max(1, len(self._prefill))
+        mean_inflight = w.inflight_tokens / w.busy
+        work = ahead[1] / n + mean_inflight / 2
+        # Higher priorities keep overtaking req while it waits, so the wait T needs
+        # rate*T >= work + A(T), A the higher-priority work arriving in T. Plan for A's mean
+        # plus `self.margin_sigmas` standard deviations, so that a burst of higher-priority
+        # arrivals does not push an admitted request past its deadline: with left = rate -
+        # mean rate above and b = sigmas * sqrt(mean square rate above), sqrt(T) solves
+        # left*u^2 - b*u - work = 0. With nothing above, T = work / rate.
+        rate, square = rate_above[0] / n, rate_above[1] / n
+        left = w.throughput.rate - rate
+        if left <= 0:
+            return math.inf
+        b = self.margin_sigmas * math.sqrt(square)
+        u = (b + math.sqrt(b * b + 4 * left * work)) / (2 * left)
+        return u * u + self._service(w, w.inflight_tokens - mean_inflight + uncached)
+
+    def _service(self, w: _PrefillWorker, tokens_in_flight: float) -> float:
+        """Predicted service time plus `margin_sigmas` of its typical error, so that a request
+        admitted on a prediction just inside its budget still meets it most of the time."""
+        return w.service.predict(tokens_in_flight) + self.margin_sigmas * w.service.spread
 
     def _dispatch(self) -> None:
         """Grant free slots to waiters, best-ordered first, until one or the other runs out."""
@@ -355,7 +469,7 @@ class SLOScheduler:
     def _grant(self, req: RequestInfo, hits: Mapping[str, int]) -> PrefillPlacement:
         def score(w: _PrefillWorker) -> tuple[float, int, int]:
             cached = req.cached_tokens(hits.get(w.worker_id, 0))
-            return self._ttft(w, req, cached, 0, 0), -cached, w.inflight_tokens
+            return self._ttft(w, req, cached, (0, 0), (0.0, 0.0)), -cached, w.inflight_tokens
 
         scored = [(score(w), w) for w in self._prefill.values() if w.free > 0]
         best_ttft = min(s[0] for s, _ in scored)
@@ -366,10 +480,10 @@ class SLOScheduler:
                 if s[0] <= best_ttft * (1 + self.tie_tolerance) + self.tie_slack_s]
         (ttft, neg_cached, _), w = min(near, key=lambda sw: (sw[0][1], sw[0][0], sw[0][2]))
         cached = -neg_cached
-        w.busy += 1
+        w.set_busy(w.busy + 1, self._clock())
         w.inflight_tokens += req.num_prompt_tokens - cached
         gid = next(self._grant_ids)
-        self._grants[gid] = _Grant(w, req.num_prompt_tokens - cached)
+        self._grants[gid] = _Grant(w, req.num_prompt_tokens - cached, w.inflight_tokens)
         return PrefillPlacement(w.worker_id, cached, ttft, self._clock(), gid)
 
     # -- decode --------------------------------------------------------------------------------
@@ -414,8 +528,8 @@ class SLOScheduler:
             "prefill": {
                 wid: {"slots": w.slots, "slots_busy": w.busy,
                       "inflight_tokens": w.inflight_tokens,
-                      "prefill_model": w.prefill.as_dict(),
-                      "transfer_model": w.transfer.as_dict()}
+                      "service_model": w.service.as_dict(),
+                      "throughput": w.throughput.as_dict()}
                 for wid, w in self._prefill.items()},
             "decode": {
                 wid: {"free_blocks": w.free_blocks, "num_running": w.num_running,

@@ -532,6 +532,53 @@ def test_sigterm_drains_a_real_pdserve_up(model_dir, tmp_path):
             proc.wait(10)
 
 
+def test_overload_refuses_batch_while_interactive_with_the_same_slo_is_admitted(
+        model_dir, ray_session):
+    """Requests of middle priority (5, no SLO, so never refused) flood the only prefill slot;
+    then a batch (priority 0) and an interactive (priority 10) request with the same TTFT SLO
+    arrive together. The batch one would wait behind the whole flood and is refused at once;
+    the interactive one goes ahead of it and is served. The SLO is a multiple of this
+    machine's own unloaded TTFT, so the test does not depend on its speed."""
+    import random
+
+    router = RouterConfig(slots_per_prefill_worker=1, max_queue=64)
+    rng = random.Random(9)
+    # Distinct prompts: a cached prefix would make a request almost no prefill work.
+    fresh = iter([[rng.randrange(3, 300) for _ in range(130)] for _ in range(40)])
+    sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with make_cluster(model_dir, 1, 1, start_redis=False, router=router) as cluster, \
+            GenerateClient(cluster.address) as client, ThreadPoolExecutor(24) as pool:
+        unloaded = []
+        for _ in range(4):  # also teaches the router this worker's speed
+            start = time.monotonic()
+            next(client.stream(build_generate_request(token_ids=next(fresh),
+                                                      sampling=sampling)))
+            unloaded.append(time.monotonic() - start)
+        slo_ms = 1e3 * 5 * max(unloaded)
+
+        def run(prompt: list[int], priority: int, ttft_ms: float = 0) -> str:
+            req = build_generate_request(token_ids=prompt, sampling=sampling,
+                                         priority=priority, ttft_ms=ttft_ms)
+            try:
+                list(client.stream(req))
+                return "ok"
+            except grpc.RpcError as e:
+                return f"{e.code().name}: {e.details()}"
+
+        flood = [pool.submit(run, next(fresh), 5) for _ in range(20)]
+        deadline = time.monotonic() + 30
+        while cluster.router.slo.queue_length < 12:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        batch = pool.submit(run, next(fresh), 0, slo_ms)
+        interactive = pool.submit(run, next(fresh), 10, slo_ms)
+        assert interactive.result(60) == "ok"
+        assert batch.result(60).startswith("RESOURCE_EXHAUSTED"), batch.result()
+        assert "predicted TTFT" in batch.result()
+        assert [f.result(60) for f in flood] == ["ok"] * len(flood)
+        wait_idle(cluster)
+
+
 def test_interactive_priority_overtakes_queued_batch_requests(model_dir, ray_session):
     """Overload with batch traffic (priority 0), then send interactive requests (priority 10):
     they are prefilled before batch requests that were already waiting."""

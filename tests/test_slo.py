@@ -5,7 +5,11 @@ idempotence. Pure asyncio on a fake clock; every scenario ends with check_integr
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
+import random
+from collections.abc import Callable
 
 import pytest
 
@@ -15,10 +19,15 @@ from router.slo import (
     Rejected,
     RequestInfo,
     SLOScheduler,
+    Throughput,
     TimingModel,
 )
 
 BLOCK = 16
+# SLOScheduler's default service-time prior (s = A + B * tokens in flight) and the prior
+# throughput it implies (tokens/s).
+A, B = 0.005, 0.0002
+PRIOR_RATE = 1 / B
 
 
 class FakeClock:
@@ -57,6 +66,18 @@ def test_timing_model_recovers_noiseless_line():
     assert m.b == pytest.approx(0.0007, rel=1e-4)
     assert m.a == pytest.approx(0.02, abs=1e-5)
     assert m.predict(1000) == pytest.approx(0.72, rel=1e-4)
+
+
+def test_timing_model_spread_is_the_typical_prediction_error():
+    exact, noisy = TimingModel(0.005, 0.0002), TimingModel(0.005, 0.0002)
+    assert exact.spread == 0.0  # nothing observed yet
+    for i in range(300):
+        x = 50 + (i * 397) % 2000
+        exact.observe(x, 0.02 + 0.0007 * x)
+        noisy.observe(x, 0.02 + 0.0007 * x + (0.05 if i % 2 else -0.05))
+    assert exact.spread < 1e-6  # early errors are forgotten once the line is learnt
+    assert noisy.spread == pytest.approx(0.05, rel=0.2)
+    assert noisy.b == pytest.approx(0.0007, rel=0.05)
 
 
 def test_timing_model_prior_damps_first_observation():
@@ -103,6 +124,26 @@ def test_timing_model_never_predicts_negative_and_ignores_nan():
     assert m.predict(300) == pytest.approx(2.0, rel=1e-3)
 
 
+def test_throughput_is_a_ratio_of_sums_that_forgets_the_prior_and_old_rates():
+    t = Throughput(5000.0, prior_s=1.0, half_life_s=10.0)
+    assert t.rate == 5000.0
+    # Completions in a batch: the first carries the batch's busy time, the rest none.
+    for _ in range(100):
+        t.observe(300, 1.0)
+        t.observe(300, 0.0)
+        t.observe(300, 0.0)
+    assert t.n == 300
+    assert t.rate == pytest.approx(900, rel=0.01)  # the prior's 1 s has decayed 2**-10
+    for _ in range(200):
+        t.observe(100, 1.0)  # the worker slowed down to 100 tokens/s
+    assert t.rate == pytest.approx(100, rel=1e-3)
+    for bad in [(float("nan"), 1.0), (10, float("inf")), (-5, 1.0), (5, -1.0)]:
+        t.observe(*bad)
+    assert t.n == 500 and t.rate == pytest.approx(100, rel=1e-3)
+    with pytest.raises(ValueError):
+        Throughput(0.0)
+
+
 def test_request_info_blocks_and_deadline():
     assert req("r", 33).num_blocks == 3
     assert req("r", 32).num_blocks == 2
@@ -120,10 +161,13 @@ def test_predict_ttft_grows_with_inflight_and_shrinks_with_cache():
         r = req("r", 1024)
         cold, warm = s.predict_ttft("p0", r, 0), s.predict_ttft("p0", r, 768)
         assert warm < cold
-        assert cold - warm == pytest.approx(768 * 0.0002)
+        assert cold == pytest.approx(A + 1024 * B)
+        assert cold - warm == pytest.approx(768 * B)
         p = await s.acquire(req("load", 2000), {})
         loaded = s.predict_ttft("p0", r, 0)
-        assert loaded == pytest.approx(cold + 0.005 + 2000 * 0.0002)
+        # The work in flight adds its tokens' worth of service time once, not another
+        # request's fixed cost: the worker prefills them in shared batches.
+        assert loaded == pytest.approx(cold + 2000 * B)
         s.release(p, req("load", 2000))
         assert s.predict_ttft("p0", r, 0) == pytest.approx(cold)
         s.check_integrity()
@@ -139,8 +183,9 @@ def test_predict_ttft_counts_only_waiters_served_first():
         waiter = asyncio.create_task(s.acquire(req("w", 1000, priority=0), {}))
         await settle()
         low, high = req("low", 128), req("high", 128, priority=1)
-        # The queued 1000-token request is ahead of `low` only; its work spreads over 2 workers.
-        extra = (0.005 + 0.0002 * 1000) / 2
+        # The queued 1000-token request is ahead of `low` only; its work spreads over 2 workers
+        # and delays low's slot by that many tokens at the worker's throughput.
+        extra = 1000 / 2 / PRIOR_RATE
         assert s.predict_ttft("p0", low, 0) == pytest.approx(
             s.predict_ttft("p0", high, 0) + extra)
         waiter.cancel()
@@ -157,7 +202,7 @@ def test_placement_prefers_prefix_holder_at_equal_load():
         p = await s.acquire(r, {"p1": 20, "ghost": 32})  # unknown workers are ignored
         assert (p.worker_id, p.cached_tokens) == ("p1", 320)
         assert p.granted_at == 100.0
-        assert p.predicted_ttft_s == pytest.approx(s.predict_ttft("p2", r, 0) - 320 * 0.0002)
+        assert p.predicted_ttft_s == pytest.approx(s.predict_ttft("p2", r, 0) - 320 * B)
         s.check_integrity()
 
     asyncio.run(main())
@@ -178,6 +223,110 @@ def test_placement_avoids_badly_overloaded_prefix_holder():
         assert (await s2.acquire(req("r", 512), {"p0": 30})).worker_id == "p0"
         s.check_integrity()
         s2.check_integrity()
+
+    asyncio.run(main())
+
+
+def test_throughput_learnt_from_busy_time_counts_overlapping_requests_once():
+    async def main():
+        clock = FakeClock(100.0)
+        s = sched(["p0"], clock=clock)
+        a, b = req("a", 600), req("b", 400)
+        pa = await s.acquire(a, {})
+        clock.t = 100.5
+        pb = await s.acquire(b, {})
+        clock.t = 101.5  # both prefilled in one batch: 1000 tokens in 1.5 s busy
+        s.release(pa, a, served=True)
+        s.release(pb, b, served=True)
+        clock.t = 111.5  # idle time is not busy time
+        pc = await s.acquire(req("c", 100), {})
+        clock.t = 112.0
+        s.release(pc, req("c", 100), served=True)
+        # The prior (5000 tokens/s worth 0.01 s) and earlier sums decay with busy time,
+        # half-life 30 s.
+        k1, k2 = 0.5 ** (1.5 / 30), 0.5 ** (0.5 / 30)
+        expected = ((50 * k1 + 1000) * k2 + 100) / ((0.01 * k1 + 1.5) * k2 + 0.5)
+        assert s.snapshot()["prefill"]["p0"]["throughput"]["rate"] == pytest.approx(expected)
+        s.check_integrity()
+
+    asyncio.run(main())
+
+
+def test_service_time_is_learnt_against_the_work_in_flight_at_grant():
+    async def main():
+        clock = FakeClock(0.0)
+        s = sched(["p0"], clock=clock)
+        rng = random.Random(3)
+        for burst in range(60):
+            # Bursts of 1-4 requests granted together to an idle worker that serves them
+            # one after another: each reaches its first token 20 ms + 1 ms per token of the
+            # work granted up to and including it.
+            t0 = clock.t = 10.0 * burst
+            reqs = [req(f"b{burst}-{i}", rng.randint(32, 400)) for i in range(rng.randint(1, 4))]
+            placements = [await s.acquire(r, {}) for r in reqs]
+            done_tokens = 0
+            for p, r in zip(placements, reqs):
+                done_tokens += r.num_prompt_tokens
+                clock.t = t0 + 0.02 + 0.001 * done_tokens
+                s.release(p, r, served=True)
+        model = s.snapshot()["prefill"]["p0"]["service_model"]
+        assert model["b"] == pytest.approx(0.001, rel=1e-3)
+        assert model["a"] == pytest.approx(0.02, abs=1e-3)
+        clock.t = 1000.0
+        held = await s.acquire(req("held", 300), {})
+        # A free slot: served at once, behind the 300 tokens in flight.
+        assert s.predict_ttft("p0", req("r", 200), 0) == pytest.approx(0.52, rel=1e-2)
+        s.release(held, req("held", 300))
+        s.check_integrity()
+
+    asyncio.run(main())
+
+
+def test_higher_priority_admissions_slow_and_then_refuse_lower_priorities():
+    async def main():
+        clock = FakeClock(100.0)
+        s = sched(["p0"], slots_per_worker=1, clock=clock, rate_window_s=10.0)
+        held = await s.acquire(req("held", 1000), {})  # saturates the single slot
+        low, high = req("low", 500, ttft_slo_s=5.0), req("high", 500, priority=1)
+        # The slot frees when the rest of the in-flight request (half of it, on average) is
+        # done; then low is served like a request granted on a full worker.
+        service = A + 500 * B
+        assert s.predict_ttft("p0", low, 0) == pytest.approx(500 / PRIOR_RATE + service)
+        # High-priority work admitted at 2000 tokens/s over the last 10 s (made up of
+        # waiters that were then cancelled, so only the admission rate remains).
+        for i in range(40):
+            clock.t = 100.0 + i * 0.25
+            t = asyncio.create_task(s.acquire(req(f"h{i}", 500, priority=1), {}))
+            await settle()
+            t.cancel()
+            await settle()
+        clock.t = 110.0
+        assert s.predict_ttft("p0", high, 0) == pytest.approx(500 / PRIOR_RATE + service)
+        # low's wait T is a busy period: the 500 tokens ahead of it plus the high-priority work
+        # arriving meanwhile (2000 tokens/s, mean square 40 * 500**2 / 10 s per second) at its
+        # mean plus two standard deviations must be done at the worker's rate.
+        low = req("low", 500, ttft_slo_s=5.0, arrival=110.0)
+        wait = s.predict_ttft("p0", low, 0) - service
+        assert PRIOR_RATE * wait == pytest.approx(500 + 2000 * wait + 2 * (1e6 * wait) ** 0.5)
+        assert wait > 500 / (PRIOR_RATE - 2000)  # more than the mean busy period
+        s.admit(low, {})
+        # Past the whole throughput: the lower class cannot be served in any time.
+        for i in range(40):
+            clock.t = 110.0 + i * 0.1
+            t = asyncio.create_task(s.acquire(req(f"g{i}", 1000, priority=1), {}))
+            await settle()
+            t.cancel()
+            await settle()
+        low = req("low", 500, ttft_slo_s=5.0, arrival=clock.t)
+        assert s.predict_ttft("p0", low, 0) == float("inf")
+        with pytest.raises(Rejected, match="higher priorities take all prefill throughput"):
+            s.admit(low, {})
+        s.admit(req("high", 500, priority=1, ttft_slo_s=5.0, arrival=clock.t), {})
+        # The window forgets: 10 s later the lower class fits again.
+        clock.t += 10.1
+        s.admit(req("low", 500, ttft_slo_s=5.0, arrival=clock.t), {})
+        s.release(held, req("held", 1000))
+        s.check_integrity()
 
     asyncio.run(main())
 
@@ -342,7 +491,7 @@ def test_admit_rejects_only_when_saturated_and_slo_unmeetable():
     async def main():
         clock = FakeClock(100.0)
         s = sched(["p0"], slots_per_worker=1, clock=clock)
-        impossible = req("r", 512, ttft_slo_s=0.001)  # prefill alone is predicted ~0.11 s
+        impossible = req("r", 512, ttft_slo_s=0.001)  # prefill alone is predicted ~0.1 s
         s.admit(impossible, {})  # a free slot: not saturated, so it is admitted anyway
         await s.acquire(req("holder", 2000), {})
         with pytest.raises(Rejected, match=r"predicted TTFT .* ms on p0 exceeds"):
@@ -361,20 +510,22 @@ def test_admit_rejects_only_when_saturated_and_slo_unmeetable():
 # -- release --------------------------------------------------------------------------------
 
 
-def test_release_is_idempotent_and_learns_only_from_given_timings():
+def test_release_is_idempotent_and_learns_only_when_served():
     async def main():
-        s = sched(["p0"], slots_per_worker=2)
+        clock = FakeClock(100.0)
+        s = sched(["p0"], slots_per_worker=2, clock=clock)
         r1, r2 = req("r1", 1000), req("r2", 300)
         p1 = await s.acquire(r1, {})
         p2 = await s.acquire(r2, {})
-        s.release(p1, r1, prefill_s=0.5, transfer_s=0.05)
-        s.release(p1, r1, prefill_s=0.5, transfer_s=0.05)  # no-op
+        clock.t = 100.55
+        s.release(p1, r1, served=True)
+        s.release(p1, r1, served=True)  # no-op
         snap = s.snapshot()["prefill"]["p0"]
         assert snap["slots_busy"] == 1 and snap["inflight_tokens"] == 300
-        assert snap["prefill_model"]["n"] == 1 and snap["transfer_model"]["n"] == 1
-        s.release(p2, r2)  # a failure: no timings, nothing learnt
+        assert snap["throughput"]["n"] == 1
+        s.release(p2, r2)  # a failure: nothing learnt
         snap = s.snapshot()["prefill"]["p0"]
-        assert snap["slots_busy"] == 0 and snap["prefill_model"]["n"] == 1
+        assert snap["slots_busy"] == 0 and snap["throughput"]["n"] == 1
         # A placement the scheduler never granted is ignored too.
         s.release(PrefillPlacement("p0", 0, 0.0, 0.0), r2)
         s.check_integrity()
@@ -401,7 +552,8 @@ def test_rank_decode_orders_by_free_blocks_then_batch_and_drops_misfits():
     s.note_decode_reserved("d2", 60)
     assert s.rank_decode(r) == ["d1", "d4", "d2"]
     assert s.snapshot()["decode"]["d2"] == {
-        "free_blocks": 40, "num_running": 2, "step_model": {"a": 0.005, "b": 0.0005, "n": 0}}
+        "free_blocks": 40, "num_running": 2,
+        "step_model": {"a": 0.005, "b": 0.0005, "spread": 0.0, "n": 0}}
 
 
 def test_rank_decode_puts_workers_meeting_tpot_first():
@@ -414,3 +566,87 @@ def test_rank_decode_puts_workers_meeting_tpot_first():
     for _ in range(50):
         s.update_decode("small-idle", free_blocks=40, num_running=1, step_s=0.05)
     assert s.rank_decode(req("r", tpot_slo_s=0.01)) == ["big-busy", "small-idle"]
+
+
+# -- overload against a simulated batching worker -------------------------------------------
+
+
+def test_overload_refuses_batch_before_interactive_and_admitted_requests_meet_their_slo():
+    """Three times capacity offered to one worker that, like the engine, prefills everything
+    granted to it in one batch per step (a step costs 50 ms + 2 ms per token, so per-request
+    times do not add up). Interactive traffic alone is one capacity's worth: it must be
+    admitted and served in SLO, batch refused, and whatever is admitted must meet its SLO."""
+    async def main():
+        clock = FakeClock(0.0)
+        s = sched(["p0"], clock=clock)
+        rng = random.Random(11)
+        events: list[tuple[float, int, Callable[[], None]]] = []
+        seq = itertools.count()
+        granted: list[tuple[PrefillPlacement, RequestInfo]] = []
+        stepping = False
+        ttft: dict[str, float] = {}
+
+        def at(t: float, fn: Callable[[], None]) -> None:
+            heapq.heappush(events, (t, next(seq), fn))
+
+        def step() -> None:
+            nonlocal stepping
+            if stepping or not granted:
+                return
+            batch = granted[:]
+            granted.clear()
+            stepping = True
+
+            def done() -> None:
+                nonlocal stepping
+                stepping = False
+                for p, r in batch:
+                    ttft[r.request_id] = clock.t - r.arrival
+                    s.release(p, r, served=True)
+                step()
+
+            at(clock.t + 0.05 + 0.002 * sum(r.num_prompt_tokens for _, r in batch), done)
+
+        async def client(r: RequestInfo) -> None:
+            granted.append((await s.acquire(r, {}), r))
+            step()
+
+        sent = {"interactive": 0, "batch": 0}
+        refused = dict.fromkeys(sent, 0)
+        slo = {"interactive": 3.0, "batch": 10.0}
+
+        def arrive(i: int) -> None:
+            kind = "interactive" if rng.random() < 1 / 3 else "batch"
+            r = req(f"{kind}-{i}", rng.randint(64, 256), priority=10 if kind == "interactive"
+                    else 0, ttft_slo_s=slo[kind], arrival=clock.t)
+            sent[kind] += 1
+            try:
+                s.admit(r, {})
+            except Rejected:
+                refused[kind] += 1
+                return
+            tasks.append(asyncio.create_task(client(r)))
+
+        # Capacity at 4 slots of 160 tokens on average: 4 / (0.05 + 0.002 * 640) = 3 req/s.
+        tasks: list[asyncio.Task] = []
+        t = 0.0
+        for i in range(1800):  # about 200 s at 9 req/s
+            t += rng.expovariate(9.0)
+            at(t, lambda i=i: arrive(i))
+        while events:
+            clock.t, _, fn = heapq.heappop(events)
+            fn()
+            await settle()
+        assert all(task.done() for task in tasks)
+        s.check_integrity()
+
+        refusal = {kind: refused[kind] / n for kind, n in sent.items()}
+        assert refusal["interactive"] < 0.2 and refusal["batch"] > 0.8, refusal
+        assert sum(refused.values()) / sum(sent.values()) > 0.5  # the excess is shed
+        for kind, budget in slo.items():
+            times = [v for rid, v in ttft.items() if rid.startswith(kind)]
+            assert len(times) == sent[kind] - refused[kind]  # every admitted one was served
+            in_slo = sum(v <= budget for v in times) / len(times)
+            assert in_slo >= 0.95, (kind, in_slo)
+
+    asyncio.run(main())
