@@ -15,9 +15,9 @@ Contract:
     the worker had a slot granted. Slots free at this rate, so it sets the wait for one: the
     queued tokens served first (the worker's share) and half an in-flight request.
 - Higher priorities keep overtaking a waiting request: its wait is a priority queue's busy
-  period, served at the throughput less the token rate admitted at higher priorities over
-  the last `rate_window_s`, with a margin for their bursts (see `_ttft`). When they take the
-  whole throughput the wait is infinite: at overload, lower priorities are refused first.
+  period, served at the throughput less the token rate admitted at higher priorities lately
+  (`_rate_above`), with a margin for their bursts (see `_ttft`). When they take the whole
+  throughput the wait is infinite: at overload, lower priorities are refused first.
 - `TimingModel` also fits each decode worker's step time (x = batch size).
 - `SLOScheduler.admit(req, hits)` is the early-rejection check (Mooncake-style): it raises
   `Rejected` when there is no prefill worker, the router queue is full, or the system is
@@ -336,9 +336,10 @@ class SLOScheduler:
         return len(self._heap)
 
     def predict_ttft(self, worker_id: str, req: RequestInfo, cached_tokens: int) -> float:
-        """Seconds from now to req's first token if placed on worker_id (see module doc)."""
+        """Seconds from now to req's first token if placed on worker_id (see module doc), with
+        the margins admission allows for."""
         return self._ttft(self._prefill[worker_id], req, cached_tokens, self._queue_ahead(req),
-                          self._rate_above(req.priority))
+                          self._rate_above(req.priority), self.margin_sigmas)
 
     def admit(self, req: RequestInfo, hits: Mapping[str, int]) -> None:
         if not self._prefill:
@@ -351,7 +352,8 @@ class SLOScheduler:
             return
         ahead, above = self._queue_ahead(req), self._rate_above(req.priority)
         best, best_id = min(
-            (self._ttft(w, req, req.cached_tokens(hits.get(wid, 0)), ahead, above), wid)
+            (self._ttft(w, req, req.cached_tokens(hits.get(wid, 0)), ahead, above,
+                        self.margin_sigmas), wid)
             for wid, w in self._prefill.items())
         budget = req.deadline - self._clock()
         if best > budget:
@@ -417,22 +419,33 @@ class SLOScheduler:
     def _rate_above(self, priority: int) -> tuple[float, float]:
         """Admitted at priorities above `priority` lately, per second: (uncached tokens,
         squared uncached tokens per request). The second makes the variance of that work:
-        over T seconds of Poisson arrivals it is T times the mean square per second."""
+        over T seconds of Poisson arrivals it is T times the mean square per second.
+
+        Measured over the whole window and over its last sixth, the larger taken: the long
+        window is steady, the short one sees a surge within seconds (lower priorities
+        admitted on the long one alone were overtaken right after a step up in load)."""
         now = self._forget_admitted()
-        # Young schedulers divide by the time they have seen (at least a second), not the
-        # whole window, so a burst right after start counts at its true rate.
-        span = max(1.0, min(self.rate_window_s, now - self._started))
-        above = [t for _, p, t in self._admitted if p > priority]
-        return sum(above) / span, sum(t * t for t in above) / span
+        rates = []
+        for window in (self.rate_window_s, self.rate_window_s / 6):
+            # Young schedulers divide by the time they have seen (at least a second), not
+            # the whole window, so a burst right after start counts at its true rate.
+            span = max(1.0, min(window, now - self._started))
+            above = [t for when, p, t in self._admitted if p > priority and when >= now - window]
+            rates.append((sum(above) / span, sum(t * t for t in above) / span))
+        return max(rates)
 
     def _ttft(self, w: _PrefillWorker, req: RequestInfo, cached_tokens: int,
-              ahead: tuple[int, int], rate_above: tuple[float, float]) -> float:
+              ahead: tuple[int, int], rate_above: tuple[float, float],
+              sigmas: float) -> float:
         """Seconds from now to req's first token on w: the wait for a slot, then the service
         from grant to first token. `ahead`: (count, uncached tokens) of the queued requests
-        served before req; `rate_above`: see `_rate_above`."""
+        served before req; `rate_above`: see `_rate_above`. `sigmas`: standard deviations of
+        noise (higher-priority bursts, service-time errors) added, so that a request admitted
+        on a prediction just inside its budget still meets it most of the time; placement
+        compares expected times (0)."""
         uncached = req.num_prompt_tokens - max(0, min(cached_tokens, req.num_prompt_tokens - 1))
         if w.free > 0:  # granted at once (a free slot means nobody is queued)
-            return self._service(w, w.inflight_tokens + uncached)
+            return self._service(w, w.inflight_tokens + uncached, sigmas)
         # Full: slots free one at a time as in-flight requests reach their first token, at the
         # worker's throughput. req is granted a slot once the queued work ahead of it (its
         # share of it on this worker) and the rest of the oldest in-flight request are done;
@@ -442,22 +455,21 @@ class SLOScheduler:
         work = ahead[1] / n + mean_inflight / 2
         # Higher priorities keep overtaking req while it waits, so the wait T needs
         # rate*T >= work + A(T), A the higher-priority work arriving in T. Plan for A's mean
-        # plus `self.margin_sigmas` standard deviations, so that a burst of higher-priority
-        # arrivals does not push an admitted request past its deadline: with left = rate -
-        # mean rate above and b = sigmas * sqrt(mean square rate above), sqrt(T) solves
-        # left*u^2 - b*u - work = 0. With nothing above, T = work / rate.
+        # plus `sigmas` standard deviations (a burst of them must not push an admitted
+        # request past its deadline): with left = rate - mean rate above and b = sigmas *
+        # sqrt(mean square rate above), sqrt(T) solves left*u^2 - b*u - work = 0. With
+        # nothing above, T = work / rate.
         rate, square = rate_above[0] / n, rate_above[1] / n
         left = w.throughput.rate - rate
         if left <= 0:
             return math.inf
-        b = self.margin_sigmas * math.sqrt(square)
+        b = sigmas * math.sqrt(square)
         u = (b + math.sqrt(b * b + 4 * left * work)) / (2 * left)
-        return u * u + self._service(w, w.inflight_tokens - mean_inflight + uncached)
+        return u * u + self._service(w, w.inflight_tokens - mean_inflight + uncached, sigmas)
 
-    def _service(self, w: _PrefillWorker, tokens_in_flight: float) -> float:
-        """Predicted service time plus `margin_sigmas` of its typical error, so that a request
-        admitted on a prediction just inside its budget still meets it most of the time."""
-        return w.service.predict(tokens_in_flight) + self.margin_sigmas * w.service.spread
+    @staticmethod
+    def _service(w: _PrefillWorker, tokens_in_flight: float, sigmas: float) -> float:
+        return w.service.predict(tokens_in_flight) + sigmas * w.service.spread
 
     def _dispatch(self) -> None:
         """Grant free slots to waiters, best-ordered first, until one or the other runs out."""
@@ -469,7 +481,8 @@ class SLOScheduler:
     def _grant(self, req: RequestInfo, hits: Mapping[str, int]) -> PrefillPlacement:
         def score(w: _PrefillWorker) -> tuple[float, int, int]:
             cached = req.cached_tokens(hits.get(w.worker_id, 0))
-            return self._ttft(w, req, cached, (0, 0), (0.0, 0.0)), -cached, w.inflight_tokens
+            ttft = self._ttft(w, req, cached, (0, 0), (0.0, 0.0), 0.0)
+            return ttft, -cached, w.inflight_tokens
 
         scored = [(score(w), w) for w in self._prefill.values() if w.free > 0]
         best_ttft = min(s[0] for s, _ in scored)

@@ -572,10 +572,11 @@ def test_rank_decode_puts_workers_meeting_tpot_first():
 
 
 def test_overload_refuses_batch_before_interactive_and_admitted_requests_meet_their_slo():
-    """Three times capacity offered to one worker that, like the engine, prefills everything
-    granted to it in one batch per step (a step costs 50 ms + 2 ms per token, so per-request
-    times do not add up). Interactive traffic alone is one capacity's worth: it must be
-    admitted and served in SLO, batch refused, and whatever is admitted must meet its SLO."""
+    """One worker that, like the engine, prefills everything granted to it in one batch per
+    step (a step costs 50 ms + 2 ms per token, so per-request times do not add up) is offered
+    0.7x its capacity for 100 s, then 3x for 200 s. At 3x, interactive traffic alone is one
+    capacity's worth: it must be admitted and served in SLO, batch refused, and whatever is
+    admitted must meet its SLO, also right after the step up in load."""
     async def main():
         clock = FakeClock(0.0)
         s = sched(["p0"], clock=clock)
@@ -629,10 +630,12 @@ def test_overload_refuses_batch_before_interactive_and_admitted_requests_meet_th
 
         # Capacity at 4 slots of 160 tokens on average: 4 / (0.05 + 0.002 * 640) = 3 req/s.
         tasks: list[asyncio.Task] = []
-        t = 0.0
-        for i in range(1800):  # about 200 s at 9 req/s
-            t += rng.expovariate(9.0)
-            at(t, lambda i=i: arrive(i))
+        t, i = 0.0, 0
+        for rate, until in [(2.1, 100.0), (9.0, 300.0)]:
+            while t < until:
+                t += rng.expovariate(rate)
+                at(t, lambda i=i: arrive(i))
+                i += 1
         while events:
             clock.t, _, fn = heapq.heappop(events)
             fn()
@@ -647,6 +650,7 @@ def test_overload_refuses_batch_before_interactive_and_admitted_requests_meet_th
             times = [v for rid, v in ttft.items() if rid.startswith(kind)]
             assert len(times) == sent[kind] - refused[kind]  # every admitted one was served
             in_slo = sum(v <= budget for v in times) / len(times)
-            assert in_slo >= 0.95, (kind, in_slo)
+            # 95% for batch if its forecast of interactive traffic missed the step up.
+            assert in_slo >= 0.97, (kind, in_slo)
 
     asyncio.run(main())
