@@ -410,7 +410,7 @@ class Router:
                 # Served: the first token came back (an exception leaves `result` empty).
                 served = ("prefill_s" in result and not result.get("error")
                           and result.get("finish_reason") != "abort")
-                self.slo.release(placement, seg_info, served=served)
+                self.slo.release(placement, served=served)
             if result.get("finish_reason") == "abort" and not result.get("error"):
                 result["error"] = "the prefill worker aborted the request"
             if result.get("error"):
@@ -500,7 +500,7 @@ class Router:
                     run.timing.queued_ms = 1e3 * (sent - run.arrival + item["queued_s"])
                     run.timing.prefill_ms = 1e3 * item["prefill_s"]
                     run.timing.ttft_ms = 1e3 * (time.monotonic() - run.arrival)
-                    self.slo.release(placement, info, served=True)
+                    self.slo.release(placement, served=True)
                     released = True
                 response, last = self._relay(run, item)
                 if response is not None:
@@ -512,7 +512,7 @@ class Router:
             raise RequestFailed(f"worker {placement.worker_id} died mid-request") from None
         finally:
             if not released:
-                self.slo.release(placement, info)
+                self.slo.release(placement)
         raise RequestFailed(f"stream from {placement.worker_id} ended without a finish")
 
     def _relay(self, run: _Run, item: dict[str, Any]

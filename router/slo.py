@@ -27,7 +27,7 @@ Contract:
   are granted in (priority desc, deadline asc, arrival order). A slot is handed to the head
   waiter synchronously when it frees, so a later arrival can never take it first. Waiting
   with no prefill worker at all waits until one is added (the caller owns timeouts).
-- Every placement must be handed back with `release(placement, req, ...)` (on success or
+- Every placement must be handed back with `release(placement, ...)` (on success or
   failure), at the request's first token when it has one (`served=True`: both models learn
   from it); a second release of the same placement is a no-op.
 - `rank_decode(req)` orders decode workers by fit (free KV blocks, predicted TPOT); the router
@@ -379,14 +379,13 @@ class SLOScheduler:
         except asyncio.CancelledError:
             if waiter.fut.done() and not waiter.fut.cancelled():
                 # Granted, but the task was cancelled before it resumed: hand the slot back.
-                self.release(waiter.fut.result(), req)
+                self.release(waiter.fut.result())
             else:
                 self._heap = [e for e in self._heap if e[3] is not waiter]
                 heapq.heapify(self._heap)
             raise
 
-    def release(self, placement: PrefillPlacement, req: RequestInfo, *,
-                served: bool = False) -> None:
+    def release(self, placement: PrefillPlacement, *, served: bool = False) -> None:
         """Free the slot. `served`: the request's first token arrived just now; the service
         time and throughput learn from it. Not served (a failure): nothing is learnt, and its
         busy time is credited with the next request served (a pessimistic throughput)."""

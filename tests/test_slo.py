@@ -168,7 +168,7 @@ def test_predict_ttft_grows_with_inflight_and_shrinks_with_cache():
         # The work in flight adds its tokens' worth of service time once, not another
         # request's fixed cost: the worker prefills them in shared batches.
         assert loaded == pytest.approx(cold + 2000 * B)
-        s.release(p, req("load", 2000))
+        s.release(p)
         assert s.predict_ttft("p0", r, 0) == pytest.approx(cold)
         s.check_integrity()
 
@@ -236,12 +236,12 @@ def test_throughput_learnt_from_busy_time_counts_overlapping_requests_once():
         clock.t = 100.5
         pb = await s.acquire(b, {})
         clock.t = 101.5  # both prefilled in one batch: 1000 tokens in 1.5 s busy
-        s.release(pa, a, served=True)
-        s.release(pb, b, served=True)
+        s.release(pa, served=True)
+        s.release(pb, served=True)
         clock.t = 111.5  # idle time is not busy time
         pc = await s.acquire(req("c", 100), {})
         clock.t = 112.0
-        s.release(pc, req("c", 100), served=True)
+        s.release(pc, served=True)
         # The prior (5000 tokens/s worth 0.01 s) and earlier sums decay with busy time,
         # half-life 30 s.
         k1, k2 = 0.5 ** (1.5 / 30), 0.5 ** (0.5 / 30)
@@ -268,7 +268,7 @@ def test_service_time_is_learnt_against_the_work_in_flight_at_grant():
             for p, r in zip(placements, reqs):
                 done_tokens += r.num_prompt_tokens
                 clock.t = t0 + 0.02 + 0.001 * done_tokens
-                s.release(p, r, served=True)
+                s.release(p, served=True)
         model = s.snapshot()["prefill"]["p0"]["service_model"]
         assert model["b"] == pytest.approx(0.001, rel=1e-3)
         assert model["a"] == pytest.approx(0.02, abs=1e-3)
@@ -276,7 +276,7 @@ def test_service_time_is_learnt_against_the_work_in_flight_at_grant():
         held = await s.acquire(req("held", 300), {})
         # A free slot: served at once, behind the 300 tokens in flight.
         assert s.predict_ttft("p0", req("r", 200), 0) == pytest.approx(0.52, rel=1e-2)
-        s.release(held, req("held", 300))
+        s.release(held)
         s.check_integrity()
 
     asyncio.run(main())
@@ -325,7 +325,7 @@ def test_higher_priority_admissions_slow_and_then_refuse_lower_priorities():
         # The window forgets: 10 s later the lower class fits again.
         clock.t += 10.1
         s.admit(req("low", 500, ttft_slo_s=5.0, arrival=clock.t), {})
-        s.release(held, req("held", 1000))
+        s.release(held)
         s.check_integrity()
 
     asyncio.run(main())
@@ -334,26 +334,26 @@ def test_higher_priority_admissions_slow_and_then_refuse_lower_priorities():
 # -- waiting, ordering, cancellation --------------------------------------------------------
 
 
-async def grant_order(s: SLOScheduler, holder, tasks: dict[str, asyncio.Task]) -> list[str]:
+async def grant_order(s: SLOScheduler, holder: PrefillPlacement,
+                      tasks: dict[str, asyncio.Task]) -> list[str]:
     """Release the held slot, then each granted waiter in turn, recording the grant order."""
     order: list[str] = []
-    current, current_req = holder
+    current = holder
     while True:
-        s.release(current, current_req)
+        s.release(current)
         await settle()
         done = [rid for rid, t in tasks.items() if t.done() and rid not in order]
         if not done:
             return order
         assert len(done) == 1, done  # one slot: one grant per release
         order.append(done[0])
-        current, current_req = tasks[done[0]].result(), req(done[0])
+        current = tasks[done[0]].result()
 
 
 def test_waiters_granted_by_priority_then_deadline_then_arrival():
     async def main():
         s = sched(["p0"], slots_per_worker=1)
-        holder_req = req("holder")
-        holder = await s.acquire(holder_req, {})
+        holder = await s.acquire(req("holder"), {})
         specs = {  # request id: (priority, ttft SLO)
             "low-early": (0, 1.0),
             "high-late": (1, 10.0),
@@ -369,7 +369,7 @@ def test_waiters_granted_by_priority_then_deadline_then_arrival():
             await settle()
         assert s.queue_length == 6
         s.check_integrity()
-        order = await grant_order(s, (holder, holder_req), tasks)
+        order = await grant_order(s, holder, tasks)
         assert order == ["high-early", "high-late", "low-early", "low-early-2", "low-late",
                          "no-slo"]
         assert s.queue_length == 0
@@ -384,15 +384,15 @@ def test_new_arrival_cannot_take_a_slot_freed_for_a_waiter():
         first = await s.acquire(req("first"), {})
         waiter = asyncio.create_task(s.acquire(req("waiter"), {}))
         await settle()
-        s.release(first, req("first"))
+        s.release(first)
         # Before the waiter's task has even resumed, a new request of equal rank arrives.
         late = asyncio.create_task(s.acquire(req("late"), {}))
         await settle()
         assert waiter.done() and not late.done()
-        s.release(waiter.result(), req("waiter"))
+        s.release(waiter.result())
         await settle()
         assert late.done()
-        s.release(late.result(), req("late"))
+        s.release(late.result())
         s.check_integrity()
 
     asyncio.run(main())
@@ -409,10 +409,10 @@ def test_cancelled_waiter_leaves_queue_without_leaking_a_slot():
         await settle()
         assert a.cancelled() and s.queue_length == 1
         s.check_integrity()
-        s.release(holder, req("holder"))
+        s.release(holder)
         await settle()
         assert b.done() and b.result().worker_id == "p0"
-        s.release(b.result(), req("b"))
+        s.release(b.result())
         assert s.snapshot()["prefill"]["p0"]["slots_busy"] == 0
         s.check_integrity()
 
@@ -426,7 +426,7 @@ def test_waiter_cancelled_right_after_its_grant_gives_the_slot_back():
         a = asyncio.create_task(s.acquire(req("a", 300), {}))
         b = asyncio.create_task(s.acquire(req("b", 200), {}))
         await settle()
-        s.release(holder, req("holder", 100))  # grants a's future synchronously...
+        s.release(holder)  # grants a's future synchronously...
         a.cancel()  # ...but a is cancelled before it resumes
         await settle()
         assert a.cancelled()
@@ -445,15 +445,15 @@ def test_removed_worker_is_never_granted_and_added_worker_wakes_waiters():
         w = asyncio.create_task(s.acquire(req("w"), {"p0": 8}))
         await settle()
         s.remove_prefill_worker("p0")
-        s.release(on["p0"], req("h0"))  # the dead worker's slot must not come back
+        s.release(on["p0"])  # the dead worker's slot must not come back
         await settle()
         assert not w.done()
         assert "p0" not in s.snapshot()["prefill"]
         s.add_prefill_worker("p2")
         await settle()
         assert w.done() and w.result().worker_id == "p2"
-        s.release(on["p1"], req("h1"))
-        s.release(w.result(), req("w"))
+        s.release(on["p1"])
+        s.release(w.result())
         s.check_integrity()
         assert all(v["slots_busy"] == 0 for v in s.snapshot()["prefill"].values())
 
@@ -518,16 +518,16 @@ def test_release_is_idempotent_and_learns_only_when_served():
         p1 = await s.acquire(r1, {})
         p2 = await s.acquire(r2, {})
         clock.t = 100.55
-        s.release(p1, r1, served=True)
-        s.release(p1, r1, served=True)  # no-op
+        s.release(p1, served=True)
+        s.release(p1, served=True)  # no-op
         snap = s.snapshot()["prefill"]["p0"]
         assert snap["slots_busy"] == 1 and snap["inflight_tokens"] == 300
         assert snap["throughput"]["n"] == 1
-        s.release(p2, r2)  # a failure: nothing learnt
+        s.release(p2)  # a failure: nothing learnt
         snap = s.snapshot()["prefill"]["p0"]
         assert snap["slots_busy"] == 0 and snap["throughput"]["n"] == 1
         # A placement the scheduler never granted is ignored too.
-        s.release(PrefillPlacement("p0", 0, 0.0, 0.0), r2)
+        s.release(PrefillPlacement("p0", 0, 0.0, 0.0))
         s.check_integrity()
         json.dumps(s.snapshot())
 
@@ -603,7 +603,7 @@ def test_overload_refuses_batch_before_interactive_and_admitted_requests_meet_th
                 stepping = False
                 for p, r in batch:
                     ttft[r.request_id] = clock.t - r.arrival
-                    s.release(p, r, served=True)
+                    s.release(p, served=True)
                 step()
 
             at(clock.t + 0.05 + 0.002 * sum(r.num_prompt_tokens for _, r in batch), done)
