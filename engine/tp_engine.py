@@ -50,6 +50,9 @@ from engine.parallel import CommTimer, TPGroup
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 30 * 24 * 3600.0
+# Ranks start at different times (a slow import, an actor scheduled late): joining waits this
+# long for the others, whatever the (shorter) timeout of the collectives.
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 class TPError(RuntimeError):
@@ -58,21 +61,26 @@ class TPError(RuntimeError):
 
 def init_tp_group(rank: int, size: int, init_method: str, backend: str = "gloo",
                   timeout_s: float = 60.0, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                  timer: CommTimer | None = None) -> TPGroup:
+                  timer: CommTimer | None = None,
+                  rendezvous_timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> TPGroup:
     """Join this process to a TP group (one per process: torch.distributed's default group).
     `init_method` is a rendezvous address from config, e.g. "tcp://10.0.0.5:29511", the same
     on every rank. `backend` carries the model's collectives ("gloo" on CPU, "nccl" on GPU);
     step broadcasts always go over an extra gloo group. `timeout_s` bounds every collective
-    except a follower's wait for the next step (`idle_timeout_s`). With NCCL, select this
-    rank's GPU (torch.cuda.set_device) first and give EngineConfig the same device."""
+    except a follower's wait for the next step (`idle_timeout_s`); `rendezvous_timeout_s`
+    bounds the wait for all ranks to join. With NCCL, select this rank's GPU
+    (torch.cuda.set_device) first and give EngineConfig the same device."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend {backend!r} not one of 'gloo', 'nccl'")
+    # The default group only joins the ranks; the model's collectives get their own group
+    # with the short timeout (the default group's timeout is also the rendezvous's).
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=max(timeout_s, rendezvous_timeout_s)))
+    group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     # Each rank applies its own timeout to its side: rank 0 sends with the short one.
     control_timeout = timeout_s if rank == 0 else idle_timeout_s
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout))
-    return TPGroup(rank, size, dist.group.WORLD, control, timer)
+    return TPGroup(rank, size, group, control, timer)
 
 
 def destroy_tp_group() -> None:

@@ -125,6 +125,8 @@ def _rank_main(rank: int, size: int, port: int, paths: dict[str, str], out: str,
 
     torch.set_num_threads(1)
     out_dir = Path(out)
+    if fault == "late_rank0" and rank == 0:
+        time.sleep(2 * timeout_s)  # longer than the collectives' timeout
     try:
         tp = init_tp_group(rank, size, f"tcp://127.0.0.1:{port}", timeout_s=timeout_s)
         for name, path in paths.items():
@@ -250,6 +252,16 @@ def test_failed_follower_fails_rank0_with_tperror(tiny_llama, tmp_path, fault):
         assert codes[1] != 0
         assert "injected follower failure" in (tmp_path / "rank1.error").read_text()
     assert elapsed < 60
+
+
+def test_a_rank_joining_later_than_the_collective_timeout_still_forms_the_group(
+        tiny_llama, tmp_path):
+    """Ranks start at different times (a slow import on a busy machine, an actor scheduled
+    late): joining waits for them, however short the collectives' timeout."""
+    codes = run_ranks({"llama": tiny_llama}, tmp_path, fault="late_rank0", timeout_s=2.0)
+    errors = {p.name: p.read_text() for p in tmp_path.glob("rank*.error")}
+    assert codes == [0, 0] and not errors, (codes, errors)
+    assert (tmp_path / "llama.pt").exists()
 
 
 def test_mismatched_kv_pools_fail_at_start(tiny_llama, tmp_path):
