@@ -485,11 +485,13 @@ class SLOScheduler:
 
         scored = [(score(w), w) for w in self._prefill.values() if w.free > 0]
         best_ttft = min(s[0] for s, _ in scored)
-        # Predictions within the tolerance are a tie (per-worker models carry noise that can
-        # outweigh a small prefill saving): among those, the cache hit wins, which also saves
-        # the pool the compute.
+        # Predictions within the tolerance, or within the worker model's typical error, are a
+        # tie (per-worker models carry noise that can outweigh a small prefill saving, most of
+        # all while they have seen few requests): among those, the cache hit wins, which also
+        # saves the pool the compute.
         near = [(s, w) for s, w in scored
-                if s[0] <= best_ttft * (1 + self.tie_tolerance) + self.tie_slack_s]
+                if s[0] <= best_ttft * (1 + self.tie_tolerance) + self.tie_slack_s
+                + w.service.spread]
         (ttft, neg_cached, _), w = min(near, key=lambda sw: (sw[0][1], sw[0][0], sw[0][2]))
         cached = -neg_cached
         w.set_busy(w.busy + 1, self._clock())

@@ -331,6 +331,37 @@ def test_higher_priority_admissions_slow_and_then_refuse_lower_priorities():
     asyncio.run(main())
 
 
+def test_placement_counts_a_difference_within_a_models_typical_error_as_a_tie():
+    async def placed(p0_jitter_s: float) -> str:
+        """p0 has served requests in 45 ms +- jitter, p1 steadily in 15 ms; then a request
+        whose prefix p0 holds (48 of its 64 tokens) arrives."""
+        clock = FakeClock(0.0)
+        s = sched(["p0"], clock=clock)
+        for i in range(30):
+            p = await s.acquire(req(f"a{i}", 64), {})
+            clock.t += 0.045 + (p0_jitter_s if i % 2 else -p0_jitter_s)
+            s.release(p, served=True)
+        held = [await s.acquire(req(f"h{i}", 64), {}) for i in range(4)]  # p0 full
+        s.add_prefill_worker("p1")
+        for i in range(30):
+            p = await s.acquire(req(f"b{i}", 64), {})
+            clock.t += 0.015
+            s.release(p, served=True)
+        for p in held:
+            s.release(p)
+        choice = (await s.acquire(req("r", 64), {"p0": 3})).worker_id
+        s.check_integrity()
+        return choice
+
+    async def main():
+        # Steady: p0 is slower than p1 by more than its cache hit saves and the 20% tolerance.
+        assert await placed(0.0) == "p1"
+        # Scattered by 20 ms: the gap is within p0's typical error, so its cache hit wins.
+        assert await placed(0.020) == "p0"
+
+    asyncio.run(main())
+
+
 # -- waiting, ordering, cancellation --------------------------------------------------------
 
 
