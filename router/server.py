@@ -406,13 +406,12 @@ class Router:
                     self._prefill_tp[placement.worker_id])
                 sent = time.monotonic()
                 result = await self._prefill(placement, run.worker_rid, prompt, seg, resv)
+                if result.get("finish_reason") == "abort" and not result.get("error"):
+                    result["error"] = "the prefill worker aborted the request"
             finally:
                 # Served: the first token came back (an exception leaves `result` empty).
-                served = ("prefill_s" in result and not result.get("error")
-                          and result.get("finish_reason") != "abort")
-                self.slo.release(placement, served=served)
-            if result.get("finish_reason") == "abort" and not result.get("error"):
-                result["error"] = "the prefill worker aborted the request"
+                self.slo.release(placement,
+                                 served="prefill_s" in result and not result.get("error"))
             if result.get("error"):
                 self._abort_decode(run)
                 if result.get("transfer_failed") and self._may_retry(req, run, retries,
