@@ -19,7 +19,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 TOPICS = ["the ocean", "a bicycle", "prime numbers", "coffee", "volcanoes", "the moon",
           "a library", "rain", "chess", "bread", "mountains", "a lighthouse"]

@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.parallel import kv_head_shard, max_local_kv_heads
+from kv_layout.heads import kv_head_shard, max_local_kv_heads
 from kv_transfer import (
     HeadSlice,
     KVControl,

@@ -37,7 +37,7 @@ from loadgen.workloads import TrafficClass, WorkloadConfig
 
 
 def run_mode(args: argparse.Namespace, disaggregated: bool) -> dict[str, Any]:
-    from router.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import ClusterConfig, LocalCluster
 
     engine: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if disaggregated:

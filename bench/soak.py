@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from router.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import ClusterConfig, LocalCluster
 
     workload = random_workload(args)
     with LocalCluster(ClusterConfig(model=args.model, port=0, worker_num_cpus=0.25)) as cluster:

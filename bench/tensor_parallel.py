@@ -35,8 +35,8 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.parallel import CommTimer
-from engine.sampling_params import SamplingParams
 from loadgen.report import write_json
+from pdserve_api.sampling import SamplingParams
 
 
 def _free_port() -> int:

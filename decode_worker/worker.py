@@ -4,7 +4,7 @@
 router hands the receiver's address and the block ids to a prefill worker, which writes
 straight into them. When the transfer completes the request joins the continuous batch
 (`commit_kv`); when it fails or times out the reservation is freed (`cancel_reservation`).
-`next_items()` (a long poll, engine/worker_base.py) returns the request's token deltas; the
+`next_items()` (a long poll, worker_host/actor.py) returns the request's token deltas; the
 last item carries the finish reason and the decode time measured here.
 """
 
@@ -20,10 +20,6 @@ import ray
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tp_worker import follower_errors
-from engine.worker_base import WorkerBase
-from engine.worker_spec import WorkerSpec, node_host
 from kv_transfer import (
     KVPool,
     TransferResult,
@@ -31,6 +27,10 @@ from kv_transfer import (
     plan_head_routes,
     senders_per_dst,
 )
+from pdserve_api.sampling import SamplingParams
+from worker_host.actor import WorkerBase
+from worker_host.spec import WorkerSpec, node_host
+from worker_host.tp_follower import follower_errors
 
 log = logging.getLogger(__name__)
 

@@ -55,8 +55,9 @@ def store_kv(
 ) -> None:
     """Write new tokens' K/V into their cache slots."""
     num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = key.to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = value.to(v_cache.dtype)
+    num_slots = num_blocks * block_size
+    k_cache.view(num_slots, *k_cache.shape[2:])[slot_mapping] = key.to(k_cache.dtype)
+    v_cache.view(num_slots, *v_cache.shape[2:])[slot_mapping] = value.to(v_cache.dtype)
 
 
 def gather_context(

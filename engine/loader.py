@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import ConfigError
 from engine.model import LlamaModel
+from pdserve_api.errors import ConfigError
 
 # HF name fragment -> (our fused parameter fragment, shard id)
 _FUSED = {

@@ -24,9 +24,10 @@ from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.loader import load_weights
 from engine.model import LlamaModel
-from engine.parallel import TPGroup, max_local_kv_heads
+from engine.parallel import TPGroup
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
+from kv_layout.heads import max_local_kv_heads
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype,

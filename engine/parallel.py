@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kv_layout.heads import kv_head_shard
+
 
 @dataclass
 class CommTimer:
@@ -90,25 +92,6 @@ class TPGroup:
         if timer.sync is not None:
             timer.sync()
         timer.add(kind, time.perf_counter() - start)
-
-
-def kv_head_shard(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
-    """(first, count): the KV heads `rank` holds. tp_size <= num_kv_heads: contiguous runs,
-    the first num_kv_heads % tp_size ranks one head longer; tp_size > num_kv_heads: one head,
-    each replicated on tp_size // num_kv_heads consecutive ranks. This is the ownership map KV
-    transfer needs to route heads between different TP sizes."""
-    if tp_size > num_kv_heads:
-        if tp_size % num_kv_heads:
-            raise ValueError(f"tp_size {tp_size} > kv heads {num_kv_heads} must be a multiple")
-        return rank // (tp_size // num_kv_heads), 1
-    base, extra = divmod(num_kv_heads, tp_size)
-    return rank * base + min(rank, extra), base + (rank < extra)
-
-
-def max_local_kv_heads(num_kv_heads: int, tp_size: int) -> int:
-    """The most KV heads any rank holds: every rank sizes its KV pool by this, so all ranks
-    have the same number of blocks (block ids are shared, chosen by rank 0)."""
-    return max(kv_head_shard(num_kv_heads, tp_size, r)[1] for r in range(tp_size))
 
 
 def read_slice(src: Any, dim: int, start: int, size: int) -> torch.Tensor:

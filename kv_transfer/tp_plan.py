@@ -3,7 +3,7 @@
 Every TP rank of a worker has its own KV pool, [layers, blocks, block_size, slots, head_dim]
 with slots = `max_local_kv_heads(num_kv_heads, tp)`; a rank that owns fewer heads than slots
 uses slots [0, owned). Rank r owns the model's KV heads `kv_head_shard(num_kv_heads, tp, r)`
-(engine/parallel.py), replicated on several ranks when tp > num_kv_heads. Block ids are the
+(kv_layout/heads.py), replicated on several ranks when tp > num_kv_heads. Block ids are the
 same on every rank of a worker, so a route is only about heads:
 
     routes = plan_head_routes(num_kv_heads, prefill_tp, decode_tp)
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.parallel import kv_head_shard
+from kv_layout.heads import kv_head_shard
 from kv_transfer.header import HeadSlice
 
 __all__ = ["HeadRoute", "HeadSlice", "plan_head_routes", "routes_by_src", "senders_per_dst"]

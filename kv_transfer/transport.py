@@ -504,7 +504,7 @@ class KVSender(ABC):
         `heads`: move only these head slots (the receiver's layout may then differ in head
         count and TP place); None: whole blocks between equal layouts."""
 
-    def connect(self, address: str) -> None:
+    def connect(self, address: str) -> None:  # noqa: B027 - optional: a no-op by default
         """Set up and keep a connection to address ahead of the first transfer there, so that
         request does not pay the handshake. Raises TransferError if the receiver is not
         reachable. Transports without connections have nothing to do."""
@@ -519,7 +519,7 @@ class KVSender(ABC):
                 session.send_layer(layer)
             return session.finish(control)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a no-op by default
         """Drop idle connections."""
 
     def __enter__(self) -> Self:

@@ -7,9 +7,9 @@ side makes a UCX endpoint from the other's. After BEGIN passes its checks the re
 and V, directly into views of its pool, then sends ACCEPT with a fresh slot number; tag =
 slot << 32 | message index, so transfers never cross. `send_layer` posts the matching
 `tag_send`s from views of the sender's pool (host numpy views, or CUDA tensors by
-`__cuda_array_interface__`; untested here, no GPU) and returns; `finish` waits for them, sends END, and the receiver
-answers DONE once its receives have completed. Nothing is staged or concatenated in Python
-for whole-region sessions.
+`__cuda_array_interface__`; untested here, no GPU) and returns; `finish` waits for them,
+sends END, and the receiver answers DONE once its receives have completed. Nothing is
+staged or concatenated in Python for whole-region sessions.
 
 Head-sliced sessions (pool.py): message boundaries stay the paired runs, and a side whose
 slice is not its whole region stages. The sender gathers each layer into its own staging
@@ -37,7 +37,8 @@ same settings in brackets:
 - Default here, `UcxConfig()`: PEER error handling + SYSV_ERROR_HANDLING=y,
   POSIX_ERROR_HANDLING=y (same as UCX_MM_ERROR_HANDLING=y): sysv shared memory, v2
   protocols' fragmented copy pipeline: 7.5-10 GB/s [7.4-11], 67-102% of perftest at >= 256
-  blocks over several runs. A peer's death fails its endpoint; measured: receiver survives a SIGKILLed sender.
+  blocks over several runs. A peer's death fails its endpoint; measured: receiver survives a
+  SIGKILLed sender.
 - PROTO_ENABLE=n on top (v1 protocols: bandwidth-lane active messages over sysv): 7.5-8 GB/s
   [7.7], erratic in perftest (0.25-10 GB/s); not the default.
 - `UcxConfig(error_handling=False)`: sysv + CMA zero-copy rendezvous (process_vm_readv),

@@ -16,7 +16,7 @@ from loadgen.backends import Backend
 from loadgen.record import BackendError, ServerFinal, StreamEvent
 from loadgen.workloads import RequestSpec
 from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
-from router.api import build_generate_request
+from pdserve_api.messages import build_generate_request
 
 
 def to_request(spec: RequestSpec) -> pdserve_pb2.GenerateRequest:

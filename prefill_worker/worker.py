@@ -9,7 +9,7 @@ written them (`LLMEngine.kv_layer_hook`), so the transfer overlaps the remaining
 the first token is sampled the control message (token count + first token) completes the
 transfer and the blocks are released (they stay here as evictable prefix cache). Under tensor
 parallelism on either side, each prefill rank ships the KV heads it holds straight to the
-decode ranks that own them (prefill_worker/shipment.py; ranks 1.. in engine/tp_worker.py).
+decode ranks that own them (kv_transfer/shipment.py; ranks 1.. in worker_host/tp_follower.py).
 
 Results come back as plain dicts: first token and text, cached token count, and timings
 measured here (queued in this worker, prefill compute, transfer tail after compute).
@@ -26,15 +26,15 @@ from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
-from engine.tp_worker import follower_errors
-from engine.worker_base import WorkerBase
-from engine.worker_spec import WorkerSpec
 from kv_transfer import KVControl, KVPool, make_sender
 from kv_transfer.header import KVLayoutMismatch
+from kv_transfer.shipment import KVShipment, routes_for_rank
 from kv_transfer.transport import TransferError
-from prefill_worker.shipment import KVShipment, routes_for_rank
+from pdserve_api.sampling import SamplingParams
+from worker_host.actor import WorkerBase
+from worker_host.spec import WorkerSpec
+from worker_host.tp_follower import follower_errors
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class PrefillWorker(WorkerBase):
         its receivers, one per decode TP rank); return the first token. Never raises for a
         request-level failure: the dict's `error` says what failed (`transfer_failed` true
         when a retry on another decode worker may succeed). Under TP the follower ranks ship
-        their own heads (engine/tp_worker.py) and report before this returns."""
+        their own heads (worker_host/tp_follower.py) and report before this returns."""
         try:
             routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, 0, dst_addresses)
             await self.plan_followers(request_id, dst_addresses, dst_block_ids)

@@ -4,22 +4,29 @@ Contract: `parse_generate_request` is the only place a client's `GenerateRequest
 field by field; anything it lets through is well-formed except what needs the model (token id
 range, prompt length vs max_model_len), which the router checks after tokenizing. Every
 rejection is an `InvalidArgument` whose message names the field, for `INVALID_ARGUMENT`.
-The builders (`build_generate_request`, `final_response`, `delta_response`) are what the router
-server, clients and tests use to write messages, so field names live in one module.
+The response builders (`final_response`, `delta_response`) are what the router writes; the
+request builder clients use is `pdserve_api/messages.py`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve_api import pdserve_pb2
+from pdserve_api.errors import InvalidRequestError
+from pdserve_api.messages import (
+    SAMPLING_FLOATS,
+    SAMPLING_OPTIONAL,
+    SAMPLING_REPEATED,
+    InvalidArgument,
+)
+from pdserve_api.sampling import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 FINISH_REASONS = ("stop", "length", "abort")
@@ -27,20 +34,6 @@ KV_TRANSPORTS = ("ucx", "tcp", "local", "none")
 MAX_REQUEST_ID_LEN = 128
 PRIORITY_RANGE = (-100, 100)
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
-
-# proto `optional` scalars of SamplingParams; the repeated ones (stop, stop_token_ids) have no
-# presence and count as set when non-empty.
-_SAMPLING_OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
-                      "repetition_penalty", "presence_penalty", "frequency_penalty",
-                      "ignore_eos", "skip_special_tokens")
-_SAMPLING_FLOATS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty",
-                              "presence_penalty", "frequency_penalty"})
-_SAMPLING_REPEATED = ("stop_token_ids", "stop")
-
-
-class InvalidArgument(ValueError):
-    """A request the router rejects with INVALID_ARGUMENT; the message names the field and why."""
-
 
 @dataclass
 class ParsedRequest:
@@ -126,82 +119,17 @@ def _parse_slo_ms(name: str, ms: float) -> float | None:
 def _parse_sampling(sp: pdserve_pb2.SamplingParams) -> SamplingParams:
     # Only fields the client set are passed, so unset ones keep SamplingParams' defaults.
     kwargs: dict[str, Any] = {}
-    for name in _SAMPLING_OPTIONAL:
+    for name in SAMPLING_OPTIONAL:
         if sp.HasField(name):
             value = getattr(sp, name)
-            kwargs[name] = _from_f32(value) if name in _SAMPLING_FLOATS else value
-    for name in _SAMPLING_REPEATED:
+            kwargs[name] = _from_f32(value) if name in SAMPLING_FLOATS else value
+    for name in SAMPLING_REPEATED:
         if getattr(sp, name):
             kwargs[name] = list(getattr(sp, name))
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as e:
         raise InvalidArgument(str(e)) from None
-
-
-def sampling_to_proto(sp: SamplingParams) -> pdserve_pb2.SamplingParams:
-    """Every field explicitly set (seed only when given), so the server's defaults cannot
-    silently differ from the client's."""
-    if sp.logprobs is not None:
-        raise InvalidArgument("sampling.logprobs: not supported by the gRPC API")
-    msg = pdserve_pb2.SamplingParams()
-    for name in _SAMPLING_OPTIONAL:
-        value = getattr(sp, name)
-        if value is not None:
-            setattr(msg, name, value)
-    msg.stop_token_ids.extend(sp.stop_token_ids)
-    msg.stop.extend(sp.stop)
-    return msg
-
-
-def _sampling_from_dict(d: Mapping[str, Any]) -> pdserve_pb2.SamplingParams:
-    # Not validated here on purpose: tests send out-of-range values to check the server's
-    # INVALID_ARGUMENT. Only the given keys are set; the rest stay unset (server defaults).
-    known = set(_SAMPLING_OPTIONAL) | set(_SAMPLING_REPEATED)
-    msg = pdserve_pb2.SamplingParams()
-    for name, value in d.items():
-        if name not in known:
-            raise InvalidArgument(f"sampling.{name}: not a field of the gRPC SamplingParams "
-                                  f"(fields: {', '.join(sorted(known))})")
-        if name in _SAMPLING_REPEATED:
-            # a bare string would otherwise be split into one stop string per character
-            getattr(msg, name).extend([value] if isinstance(value, str) else value)
-        elif value is not None:
-            setattr(msg, name, value)
-    return msg
-
-
-def build_generate_request(*, text: str | None = None,
-                           chat: Iterable[Mapping[str, str]] | None = None,
-                           token_ids: Iterable[int] | None = None,
-                           sampling: SamplingParams | Mapping[str, Any] | None = None,
-                           ttft_ms: float = 0, tpot_ms: float = 0, priority: int = 0,
-                           request_id: str = "", model: str = "") -> pdserve_pb2.GenerateRequest:
-    """A `GenerateRequest` from exactly one of text / chat ([{"role", "content"}]) / token_ids.
-
-    Content is not validated (an empty text or a bad role is sent as given), so tests can check
-    the server's answer to bad input; `parse_generate_request` is the validator.
-    """
-    given = [name for name, v in (("text", text), ("chat", chat), ("token_ids", token_ids))
-             if v is not None]
-    if len(given) != 1:
-        raise InvalidArgument(f"input: set exactly one of text, chat, token_ids (got {given})")
-    msg = pdserve_pb2.GenerateRequest(slo=pdserve_pb2.SLO(ttft_ms=ttft_ms, tpot_ms=tpot_ms),
-                                      priority=priority, request_id=request_id, model=model)
-    if text is not None:
-        msg.text = text
-    elif chat is not None:
-        msg.chat.SetInParent()  # an empty list still selects `chat` in the oneof
-        msg.chat.messages.extend(pdserve_pb2.ChatMessage(role=m["role"], content=m["content"])
-                                 for m in chat)
-    else:
-        msg.token_ids.SetInParent()
-        msg.token_ids.ids.extend(token_ids)
-    if isinstance(sampling, SamplingParams):
-        msg.sampling.CopyFrom(sampling_to_proto(sampling))
-    elif sampling is not None:
-        msg.sampling.CopyFrom(_sampling_from_dict(sampling))
-    return msg
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from router.api import InvalidArgument, build_generate_request
+from pdserve_api.messages import InvalidArgument, build_generate_request
 
 log = logging.getLogger(__name__)
 

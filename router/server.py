@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.hashing import chain_hashes
 from engine.tokenizer import Tokenizer
 from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
+from prefix_index.index import InProcessPrefixIndex, PrefixIndex
 from router.api import (
     InvalidArgument,
     ParsedRequest,
@@ -38,7 +39,6 @@ from router.api import (
     parse_generate_request,
 )
 from router.metrics import RouterMetrics
-from router.prefix_index import InProcessPrefixIndex, PrefixIndex
 from router.slo import PrefillPlacement, Rejected, RequestInfo, SLOScheduler
 
 log = logging.getLogger(__name__)

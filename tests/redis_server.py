@@ -1,6 +1,6 @@
 """Real redis-server for tests: the `redis_port` session fixture (one server for the whole run;
 tests keep apart by key namespace). Import it into a test module, or list this module in a
-conftest's `pytest_plugins`. The process helpers live in router/redis_local.py.
+conftest's `pytest_plugins`. The process helpers live in launcher/redis_local.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from router.redis_local import (  # noqa: F401  (re-exported for tests)
+from launcher.redis_local import (  # noqa: F401  (re-exported for tests)
     REDIS_SERVER,
     SKIP_REASON,
     RedisTLS,

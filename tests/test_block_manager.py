@@ -7,8 +7,8 @@ import random
 from engine.block_manager import BlockManager, BlockRemoved, BlockStored
 from engine.hashing import chain_hashes, hash_block
 from engine.request import Request
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from pdserve_api.sampling import SamplingParams
 
 
 def test_thousands_of_random_requests_with_aborts_leave_nothing_referenced():

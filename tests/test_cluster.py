@@ -14,9 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
-ray = pytest.importorskip("ray")
-
+import ray
 from cluster_helpers import ray_session as ray_session_cm
 from cluster_helpers import tiny_model, wait_idle
 from redis_server import REDIS_SERVER, SKIP_REASON, start_redis_server, stop_redis_server
@@ -24,10 +22,10 @@ from redis_server import REDIS_SERVER, SKIP_REASON, start_redis_server, stop_red
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.hashing import chain_hashes
-from engine.sampling_params import SamplingParams
-from router.api import build_generate_request
-from router.client import GenerateClient
-from router.cluster import ClusterConfig, LocalCluster
+from launcher.client import GenerateClient
+from launcher.cluster import ClusterConfig, LocalCluster
+from pdserve_api.messages import build_generate_request
+from pdserve_api.sampling import SamplingParams
 from router.server import RouterConfig
 
 ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 16, "max_num_batched_tokens": 256}
@@ -239,7 +237,7 @@ def test_reflection_lists_the_services(cluster22):
 
 
 def test_cli_generate_streams_from_the_cluster(cluster22, capsys):
-    from engine.cli import main
+    from launcher.cli import main
 
     assert main(["generate", "--address", cluster22.address, "--prompt", "hi there",
                  "--max-tokens", "5"]) == 0
@@ -505,7 +503,7 @@ def test_sigterm_drains_a_real_pdserve_up(model_dir, tmp_path):
     port = free_port()
     with open(tmp_path / "up.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "up", "--model", str(model_dir), "--port",
+            [sys.executable, "-m", "launcher.cli", "up", "--model", str(model_dir), "--port",
              str(port), "--http-port", "-1", "--no-redis", "--drain-grace-s", "60"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "RAY_AUTH_MODE": "disabled"})

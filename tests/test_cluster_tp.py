@@ -13,9 +13,9 @@ from cluster_helpers import tiny_model, wait_idle
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from router.client import GenerateClient, build_generate_request
-from router.cluster import ClusterConfig, LocalCluster
+from launcher.client import GenerateClient, build_generate_request
+from launcher.cluster import ClusterConfig, LocalCluster
+from pdserve_api.sampling import SamplingParams
 
 ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 8, "max_num_batched_tokens": 128}
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -8,7 +8,7 @@ from hf_oracle import hf_greedy
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

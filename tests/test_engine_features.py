@@ -10,7 +10,8 @@ from test_engine_vs_hf import GREEDY, make_engine, random_prompts
 
 from engine.config import EngineConfig, EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve_api.errors import InvalidRequestError
+from pdserve_api.sampling import SamplingParams
 
 N = 32
 
@@ -84,7 +85,7 @@ def test_export_then_import_in_another_engine_continues(tiny_llama):
         for out in prefill.step():
             assert out.finish_reason == "prefilled"
             first[out.request_id] = out.new_token_ids
-    for rid, prompt in zip(ids, prompts):
+    for rid in ids:
         kv = prefill.export_kv(rid)
         prefill.release(rid)
         decode.import_kv(kv, greedy())
@@ -141,7 +142,7 @@ def test_bad_inputs_rejected_engine_keeps_serving(tiny_llama, prompt, params, ma
 
 
 def test_bad_config_is_a_clear_error(tiny_llama, tmp_path):
-    from engine.config import ConfigError
+    from pdserve_api.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention_backend"):
         EngineConfig(model=str(tiny_llama), attention_backend="cuda-magic")

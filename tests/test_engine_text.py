@@ -7,7 +7,7 @@ from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

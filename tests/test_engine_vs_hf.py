@@ -12,7 +12,7 @@ from tiny_models import FAMILIES
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 

@@ -11,16 +11,13 @@ import urllib.request
 
 import grpc
 import pytest
+from cluster_helpers import ray_session, tiny_model, wait_idle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ray = pytest.importorskip("ray")
-
-from cluster_helpers import ray_session, tiny_model, wait_idle
-
+from launcher.client import GenerateClient
+from launcher.cluster import ClusterConfig, LocalCluster
 from pdserve_api import pdserve_pb2
-from router.client import GenerateClient
-from router.cluster import ClusterConfig, LocalCluster
 from router.server import RouterConfig
 
 EXAMPLES = int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", "1000"))
@@ -193,8 +190,8 @@ def test_fuzzed_openai_bodies_get_clear_http_errors(cluster):
 
 def _still_serving(cluster) -> None:
     """No process died, no block leaked, and a normal request is served."""
-    from engine.sampling_params import SamplingParams
-    from router.api import build_generate_request
+    from pdserve_api.messages import build_generate_request
+    from pdserve_api.sampling import SamplingParams
 
     with GenerateClient(cluster.address) as client:
         ok = client.generate(build_generate_request(

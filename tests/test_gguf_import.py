@@ -131,7 +131,8 @@ def write_tiny_gguf(
         "tokenizer.ggml.model": lambda: writer.add_tokenizer_model("gpt2"),
         "tokenizer.ggml.pre": lambda: writer.add_tokenizer_pre(pre),
         "tokenizer.ggml.tokens": lambda: writer.add_token_list(tokens),
-        "tokenizer.ggml.token_type": lambda: writer.add_token_types([3, 3, 3, 4] + [1] * (vocab - 4)),
+        "tokenizer.ggml.token_type": lambda: writer.add_token_types(
+            [3, 3, 3, 4] + [1] * (vocab - 4)),
         "tokenizer.ggml.merges": lambda: writer.add_token_merges(merges),
         "tokenizer.ggml.bos_token_id": lambda: writer.add_bos_token_id(1),
         "tokenizer.ggml.eos_token_id": lambda: writer.add_eos_token_id(2),
@@ -158,7 +159,8 @@ def write_tiny_gguf(
             data = gguf.quants.quantize(stored, GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name, data, raw_dtype=GGMLQuantizationType.Q8_0)
         else:
-            writer.add_tensor(gguf_name, stored.astype(np.float16 if qtype == "F16" else np.float32))
+            dtype = np.float16 if qtype == "F16" else np.float32
+            writer.add_tensor(gguf_name, stored.astype(dtype))
 
     put("token_embd.weight", "model.embed_tokens.weight", rand(vocab, h), "Q8_0")
     for i in range(TINY["layers"]):

@@ -373,7 +373,7 @@ def tiny_llama_only(tmp_path_factory) -> Path:
 def test_prefill_to_decode_engine_over_transport_matches_colocated(tiny_llama_only, kind):
     from engine.config import EngineConfig, EngineMode
     from engine.engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from pdserve_api.sampling import SamplingParams
 
     def engine(mode, blocks):
         return LLMEngine(EngineConfig(model=str(tiny_llama_only), mode=mode,

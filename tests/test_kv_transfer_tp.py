@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.parallel import kv_head_shard, max_local_kv_heads
+from kv_layout.heads import kv_head_shard, max_local_kv_heads
 from kv_transfer import (
     HeadSlice,
     KVControl,

@@ -10,9 +10,10 @@ import torch
 from hf_oracle import hf_greedy
 from tiny_models import make_tiny_checkpoint
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.errors import ConfigError
+from pdserve_api.sampling import SamplingParams
 
 PROMPT = list(range(5, 40))
 

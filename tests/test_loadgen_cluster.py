@@ -13,17 +13,14 @@ import dataclasses
 import json
 
 import pytest
-
-ray = pytest.importorskip("ray")
-
 from cluster_helpers import ray_session, tiny_model, wait_idle
 
+from launcher.cluster import ClusterConfig, LocalCluster
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.cli import main as loadgen_main
 from loadgen.runner import BenchConfig, run_bench
 from loadgen.stats import PHASES, STATS, summarize
 from loadgen.workloads import TrafficClass, WorkloadConfig, make_workload
-from router.cluster import ClusterConfig, LocalCluster
 from router.server import RouterConfig
 
 VOCAB = 320  # tiny_models' vocabulary

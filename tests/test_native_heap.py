@@ -10,9 +10,9 @@ import psutil
 import pytest
 from test_engine_vs_hf import make_engine
 
-from engine.engine_loop import EngineLoop
 from engine.native_heap import HeapTrimmer, heap_in_use_bytes, trim
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
+from worker_host.engine_loop import EngineLoop
 
 pytestmark = pytest.mark.skipif(heap_in_use_bytes() is None, reason="needs glibc >= 2.33")
 

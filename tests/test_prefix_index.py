@@ -23,8 +23,8 @@ from redis_server import (
 from engine.block_manager import BlockManager, BlockRemoved, BlockStored
 from engine.hashing import chain_hashes
 from engine.request import Request
-from engine.sampling_params import SamplingParams
-from router.prefix_index import (
+from pdserve_api.sampling import SamplingParams
+from prefix_index.index import (
     InProcessPrefixIndex,
     PrefixIndex,
     RedisPrefixIndex,
@@ -251,7 +251,7 @@ def test_redis_outage_degrades_to_empty_answers_then_recovers(tmp_path, caplog):
         assert idx.longest_prefix(chain) == {"A": 3, "B": 2, "C": 0}
         stop_redis_server(proc, kill=True)  # SIGKILL: no goodbye to the client
 
-        caplog.set_level(logging.WARNING, logger="router.prefix_index")
+        caplog.set_level(logging.WARNING, logger="prefix_index.index")
         t0 = time.monotonic()
         assert idx.longest_prefix(chain) == {}
         assert idx.live_workers() == {}

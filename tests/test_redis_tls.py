@@ -15,9 +15,9 @@ from redis_server import REDIS_SERVER, SKIP_REASON, RedisTLS, start_redis_server
 from tls_certs import make_certs
 
 from engine.block_manager import BlockStored
-from engine.config import ConfigError
 from engine.hashing import chain_hashes
-from router.prefix_index import RedisPrefixIndex, make_prefix_index, redact_url
+from pdserve_api.errors import ConfigError
+from prefix_index.index import RedisPrefixIndex, make_prefix_index, redact_url
 
 pytest.importorskip("redis")
 pytest.importorskip("cryptography")
@@ -158,10 +158,10 @@ def test_cluster_workers_and_router_share_the_index_over_tls(tls_redis, certs, t
     pytest.importorskip("ray")
     from cluster_helpers import ray_session, tiny_model, wait_idle
 
-    from engine.sampling_params import SamplingParams
-    from router.api import build_generate_request
-    from router.client import GenerateClient
-    from router.cluster import ClusterConfig, LocalCluster
+    from launcher.client import GenerateClient
+    from launcher.cluster import ClusterConfig, LocalCluster
+    from pdserve_api.messages import build_generate_request
+    from pdserve_api.sampling import SamplingParams
 
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     model = tiny_model(tmp_path / "llama", seed=9)

@@ -11,19 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from launcher.client import format_final, run_generate
 from pdserve_api import pdserve_pb2
+from pdserve_api.errors import InvalidRequestError
+from pdserve_api.messages import InvalidArgument, build_generate_request, sampling_to_proto
+from pdserve_api.sampling import SamplingParams
 from router.api import (
-    InvalidArgument,
     ParsedRequest,
     PhaseTimes,
-    build_generate_request,
     delta_response,
     final_response,
     parse_generate_request,
-    sampling_to_proto,
 )
-from router.client import format_final, run_generate
 
 SERVED = "smollm2-135m-instruct"
 

@@ -20,9 +20,9 @@ from cluster_helpers import ray_session, tiny_model
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from router.client import GenerateClient, build_generate_request
-from router.cluster import end_detached_workers
+from launcher.client import GenerateClient, build_generate_request
+from launcher.cluster import end_detached_workers
+from pdserve_api.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "pdserve-restart-test"
@@ -36,7 +36,7 @@ class RouterProcess:
     def __init__(self, model: Path, ray_address: str):
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "-v", "up", "--model", str(model),
+            [sys.executable, "-m", "launcher.cli", "-v", "up", "--model", str(model),
              "--ray-address", ray_address, "--detached-workers", "--namespace", NAMESPACE,
              "--no-redis", "--port", "0", "--http-port", "-1", "--kv-cache-mib", "1",
              "--drain-grace-s", "0"],

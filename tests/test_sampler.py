@@ -9,7 +9,7 @@ import torch
 
 from engine.request import Request
 from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 
 def req(rid="r", prompt=(1,), out=(), **kw) -> Request:
@@ -78,7 +78,7 @@ def test_logprobs_are_log_softmax():
 @pytest.mark.parametrize("bad", [{"temperature": float("nan")}, {"top_k": 1.5}, {"stop": [""]},
                                  {"stop_token_ids": [-2]}, {"seed": "x"}])
 def test_invalid_params(bad):
-    from engine.sampling_params import InvalidRequestError
+    from pdserve_api.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)

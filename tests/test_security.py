@@ -23,20 +23,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-ray = pytest.importorskip("ray")
-
 from cluster_helpers import ray_session, tiny_model
 from tls_certs import make_certs
 
-from engine.config import ConfigError
-from engine.sampling_params import SamplingParams
-from router.api import build_generate_request
+from launcher.client import GenerateClient
+from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.ray_auth import configure_ray_auth
+from launcher.redis_local import free_port
+from pdserve_api.errors import ConfigError
+from pdserve_api.messages import build_generate_request
+from pdserve_api.sampling import SamplingParams
 from router.auth import ApiKeys, AuthError, new_key_line
-from router.client import GenerateClient
-from router.cluster import ClusterConfig, LocalCluster
-from router.ray_auth import configure_ray_auth
-from router.redis_local import free_port
 from router.server import RouterConfig
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -258,7 +255,7 @@ def _pdserve_up(model: Path, address: str, *flags: str, env: dict[str, str],
                 timeout_s: float = 240) -> subprocess.CompletedProcess:
     """`pdserve -v up ... --prompt`: start a cluster on `address`, send one chat prompt, exit."""
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "-v", "up", "--model", str(model),
+        [sys.executable, "-m", "launcher.cli", "-v", "up", "--model", str(model),
          "--ray-address", address, *flags, "--no-redis", "--port", "0", "--http-port", "-1",
          "--kv-cache-mib", "1", "--drain-grace-s", "0", "--prompt", "hello", "--max-tokens",
          "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
@@ -283,7 +280,7 @@ def test_pdserve_up_joins_a_token_protected_ray_cluster(token_ray, how):
     assert "[finish_reason=" in run.stderr  # one request served end to end
     if how.startswith("token file"):  # `pdserve down` joins the same way
         down = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "down", "--ray-address", head.address,
+            [sys.executable, "-m", "launcher.cli", "down", "--ray-address", head.address,
              "--ray-auth-token-file", str(token_file), "--namespace", "pdserve-token-test"],
             cwd=ROOT, env=_env_without_ray_auth(), capture_output=True, text=True,
             timeout=120, check=False)

@@ -26,7 +26,7 @@ from tiny_models import FAMILIES, TP_HEAD_LAYOUTS, make_tiny_checkpoint
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from pdserve_api.sampling import SamplingParams
 
 CASES = [*FAMILIES, *TP_HEAD_LAYOUTS]
 JOIN_TIMEOUT_S = 120  # a hang fails the test instead of blocking the run

@@ -401,7 +401,7 @@ def test_engine_with_triton_backend_matches_torch_backend(tiny_checkpoints):
     Triton backend as with the torch reference, through prefill, prefix hit and decode."""
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from pdserve_api.sampling import SamplingParams
 
     path = tiny_checkpoints["qwen3"]
     prompts = [list(range(3, 40)), list(range(3, 30)) + [7, 8], [5]]

@@ -13,7 +13,7 @@ own heads (`expect_kv`, `kv_result`); rank 0 of each side drives them by Ray cal
 
 A group is replaced as a whole, never repaired: a rank whose group fails exits (the peers'
 collectives fail at once, so they exit too), the router sees rank 0 or a follower dead, kills
-the rest and asks the launcher for a fresh group (router/cluster.py).
+the rest and asks the launcher for a fresh group (launcher/cluster.py).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from engine.config import EngineMode
-from engine.engine_loop import TP_FAILED_EXIT_CODE
 from engine.model_runner import StepInputs
 from engine.tp_engine import TPError, TPFollower
-from engine.worker_spec import WorkerSpec, node_host
 from kv_transfer import KVControl, KVPool, PendingTransfer, make_receiver, make_sender
-from prefill_worker.shipment import KVShipment, routes_for_rank
+from kv_transfer.shipment import KVShipment, routes_for_rank
+from worker_host.engine_loop import TP_FAILED_EXIT_CODE
+from worker_host.spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.sampling_params import SamplingParams
 from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
-from router.api import build_generate_request
+from pdserve_api.messages import build_generate_request
+from pdserve_api.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from typing_extensions import Self

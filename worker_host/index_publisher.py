@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from router.prefix_index import PrefixIndex
+from prefix_index.index import PrefixIndex
 
 log = logging.getLogger(__name__)
 

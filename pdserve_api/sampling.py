@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve_api.errors import InvalidRequestError
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
-
-
-class InvalidRequestError(ValueError):
-    """A request that cannot be served as given; the message says which field and why."""
 
 
 @dataclass

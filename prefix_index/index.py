@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from engine.config import ConfigError
+from pdserve_api.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PrefixIndex(ABC):
     @abstractmethod
     def check_integrity(self) -> None: ...
 
-    def close(self) -> None:  # optional hook: the in-process index holds nothing to close
+    def close(self) -> None:  # noqa: B027 - optional: the in-process index holds nothing
         pass
 
     def publish(self, worker_id: str, events: Iterable[Any]) -> bool:

@@ -27,14 +27,15 @@ from typing import Any
 
 from typing_extensions import Self
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ModelConfig
 from engine.default_model import resolve_model
 from engine.tokenizer import Tokenizer
-from engine.worker_spec import WorkerSpec
-from router.prefix_index import PrefixIndex, make_prefix_index, redact_url
-from router.ray_auth import ray_init
-from router.redis_local import start_redis_server, stop_redis_server
+from launcher.ray_auth import ray_init
+from launcher.redis_local import start_redis_server, stop_redis_server
+from pdserve_api.errors import ConfigError
+from prefix_index.index import PrefixIndex, make_prefix_index, redact_url
 from router.server import ModelInfo, Router, RouterConfig
+from worker_host.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ClusterConfig:
     worker_num_cpus: float = 0.25
     worker_num_gpus: float = 0.0
     ray_address: str | None = None  # join this Ray cluster instead of starting one
-    # Ray token authentication (router/ray_auth.py): the token's file; None = Ray's own
+    # Ray token authentication (launcher/ray_auth.py): the token's file; None = Ray's own
     # sources ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) when joining.
     ray_auth_token_file: str | None = None
     # KubeRay: place each pool on its worker group, which advertises the custom resource
@@ -75,7 +76,7 @@ class ClusterConfig:
     # the model again. `stop()` then leaves them running; `pdserve down` ends them.
     detached_workers: bool = False
     namespace: str = "pdserve"
-    # Tensor-parallel ranks per worker, per pool (engine/tp_worker.py); independent, so that
+    # Tensor-parallel ranks per worker, per pool (worker_host/tp_follower.py); independent, so that
     # prefill and decode can shard differently (KV heads are routed rank to rank).
     prefill_tp: int = 1
     decode_tp: int = 1
@@ -253,7 +254,7 @@ class LocalCluster:
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_workers(self, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        from decode_worker.colocated import ColocatedWorker
+        from colocated_worker.worker import ColocatedWorker
         from decode_worker.worker import DecodeWorker
         from prefill_worker.worker import PrefillWorker
 
@@ -355,7 +356,7 @@ class LocalCluster:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from engine.tp_worker import TPFollowerWorker, rendezvous_address
+        from worker_host.tp_follower import TPFollowerWorker, rendezvous_address
 
         group = self.tp_workers[worker_id]
         tp = self.config.tp_size(group.pool)

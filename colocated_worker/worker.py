@@ -11,10 +11,10 @@ from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
-from engine.worker_base import WorkerBase
-from engine.worker_spec import WorkerSpec
+from pdserve_api.sampling import SamplingParams
+from worker_host.actor import WorkerBase
+from worker_host.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 

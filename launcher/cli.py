@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 
-from engine.config import ConfigError, EngineConfig
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.config import EngineConfig
+from pdserve_api.errors import ConfigError, InvalidRequestError
+from pdserve_api.sampling import SamplingParams
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.address:
-        from router.client import run_generate
+        from launcher.client import run_generate
 
         return run_generate(args.address, prompt=args.prompt, chat=args.chat,
                             sampling=_sampling(args), ttft_ms=args.ttft_ms,
@@ -61,8 +62,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from router.cluster import ClusterConfig, LocalCluster
-    from router.prefix_index import redact_url
+    from launcher.cluster import ClusterConfig, LocalCluster
+    from prefix_index.index import redact_url
     from router.server import RouterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}
@@ -110,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"pdserve: Prometheus scrape targets (static_configs): [{targets}]",
               file=sys.stderr)
         if args.prompt is not None:
-            from router.client import run_generate
+            from launcher.client import run_generate
 
             return run_generate(cluster.address, prompt=args.prompt, chat=True,
                                 sampling=SamplingParams(max_tokens=args.max_tokens,
@@ -131,8 +132,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     """End the detached workers (and their placement groups) of a namespace."""
     import ray
 
-    from router.cluster import end_detached_workers
-    from router.ray_auth import ray_init
+    from launcher.cluster import end_detached_workers
+    from launcher.ray_auth import ray_init
 
     ray_init(address=args.ray_address, namespace=args.namespace, logging_level=logging.WARNING,
              auth_token_file=args.ray_auth_token_file)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError
+from pdserve_api.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
-from engine.engine_loop import EngineLoop
-from engine.worker_spec import WorkerSpec, node_host
+from worker_host.engine_loop import EngineLoop
+from worker_host.spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,13 +40,13 @@ class WorkerBase:
         self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
         self._pending_events: list[Any] = []  # in-process index mode: pulled by the router
         self.publisher = None
-        from router.metrics import WorkerMetrics
+        from worker_host.metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
         self.metrics_address = self.metrics.serve(node_host(), spec.metrics_port)
         if self.publishes_blocks and spec.redis_url:
-            from prefill_worker.index_publisher import IndexPublisher
-            from router.prefix_index import RedisPrefixIndex
+            from prefix_index.index import RedisPrefixIndex
+            from worker_host.index_publisher import IndexPublisher
 
             self.publisher = IndexPublisher(
                 RedisPrefixIndex(spec.redis_url), self.worker_id, {"role": self.mode.value},

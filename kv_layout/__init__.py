@@ -1,0 +1,1 @@
+"""Layout facts shared by the engine and KV transfer (see kv_layout/heads.py)."""
