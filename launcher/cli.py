@@ -63,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import threading
 
     from launcher.cluster import ClusterConfig, LocalCluster
-    from prefix_index.index import redact_url
+    from prefix_index.url import redact_url
     from router.server import RouterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}

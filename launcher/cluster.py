@@ -33,7 +33,9 @@ from engine.tokenizer import Tokenizer
 from launcher.ray_auth import ray_init
 from launcher.redis_local import start_redis_server, stop_redis_server
 from pdserve_api.errors import ConfigError
-from prefix_index.index import PrefixIndex, make_prefix_index, redact_url
+from prefix_index.factory import make_prefix_index
+from prefix_index.interface import PrefixIndex
+from prefix_index.url import redact_url
 from router.server import ModelInfo, Router, RouterConfig
 from worker_host.spec import WorkerSpec
 

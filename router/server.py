@@ -29,7 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from engine.hashing import chain_hashes
 from engine.tokenizer import Tokenizer
 from pdserve_api import pdserve_pb2, pdserve_pb2_grpc
-from prefix_index.index import InProcessPrefixIndex, PrefixIndex
+from prefix_index.in_process import InProcessPrefixIndex
+from prefix_index.interface import PrefixIndex
 from router.api import (
     InvalidArgument,
     ParsedRequest,

@@ -24,13 +24,10 @@ from engine.block_manager import BlockManager, BlockRemoved, BlockStored
 from engine.hashing import chain_hashes
 from engine.request import Request
 from pdserve_api.sampling import SamplingParams
-from prefix_index.index import (
-    InProcessPrefixIndex,
-    PrefixIndex,
-    RedisPrefixIndex,
-    events_to_changes,
-    make_prefix_index,
-)
+from prefix_index.factory import make_prefix_index
+from prefix_index.in_process import InProcessPrefixIndex
+from prefix_index.interface import PrefixIndex, events_to_changes
+from prefix_index.redis_index import RedisPrefixIndex
 
 BLOCK = 4
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
@@ -251,7 +248,7 @@ def test_redis_outage_degrades_to_empty_answers_then_recovers(tmp_path, caplog):
         assert idx.longest_prefix(chain) == {"A": 3, "B": 2, "C": 0}
         stop_redis_server(proc, kill=True)  # SIGKILL: no goodbye to the client
 
-        caplog.set_level(logging.WARNING, logger="prefix_index.index")
+        caplog.set_level(logging.WARNING, logger="prefix_index.redis_index")
         t0 = time.monotonic()
         assert idx.longest_prefix(chain) == {}
         assert idx.live_workers() == {}

@@ -17,7 +17,9 @@ from tls_certs import make_certs
 from engine.block_manager import BlockStored
 from engine.hashing import chain_hashes
 from pdserve_api.errors import ConfigError
-from prefix_index.index import RedisPrefixIndex, make_prefix_index, redact_url
+from prefix_index.factory import make_prefix_index
+from prefix_index.redis_index import RedisPrefixIndex
+from prefix_index.url import redact_url
 
 pytest.importorskip("redis")
 pytest.importorskip("cryptography")

@@ -45,7 +45,7 @@ class WorkerBase:
         self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
         self.metrics_address = self.metrics.serve(node_host(), spec.metrics_port)
         if self.publishes_blocks and spec.redis_url:
-            from prefix_index.index import RedisPrefixIndex
+            from prefix_index.redis_index import RedisPrefixIndex
             from worker_host.index_publisher import IndexPublisher
 
             self.publisher = IndexPublisher(

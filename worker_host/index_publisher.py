@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prefix_index.index import PrefixIndex
+from prefix_index.interface import PrefixIndex
 
 log = logging.getLogger(__name__)
 

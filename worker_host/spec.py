@@ -19,7 +19,7 @@ class WorkerSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     transport: str = "auto"  # KV transport: ucx | tcp | local | auto
     # Prefix index; None = the router keeps it in process. May hold a password and TLS file
-    # paths (prefix_index/index.py): kept out of repr, like the secret below.
+    # paths (prefix_index/url.py): kept out of repr, like the secret below.
     redis_url: str | None = field(default=None, repr=False)
     heartbeat_s: float = 1.0  # index registration heartbeat
     ttl_s: float = 5.0  # index registration lifetime without heartbeats
