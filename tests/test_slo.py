@@ -19,9 +19,8 @@ from router.slo import (
     Rejected,
     RequestInfo,
     SLOScheduler,
-    Throughput,
-    TimingModel,
 )
+from router.timing_models import Throughput, TimingModel
 
 BLOCK = 16
 # SLOScheduler's default service-time prior (s = A + B * tokens in flight) and the prior
