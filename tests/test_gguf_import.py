@@ -31,7 +31,8 @@ from engine.default_model import (
     model_cache_dir,
     resolve_model,
 )
-from engine.gguf_import import IMPORT_MARKER, import_gguf, is_imported, reverse_rope_permute
+from engine.gguf_import import IMPORT_MARKER, import_gguf, is_imported
+from engine.gguf_tensors import reverse_rope_permute
 from engine.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------- tiny GGUF
