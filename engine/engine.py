@@ -247,11 +247,33 @@ class LLMEngine:
         for req in sched.requests:
             req.num_computed_tokens += sched.num_scheduled_tokens[req.request_id]
             self.block_manager.cache_computed_blocks(req)
-        if to_sample:
-            result = self.sampler(logits, to_sample)
-            for req, token, lp in zip(to_sample, result.token_ids, result.logprobs):
-                outputs.append(self._append_token(req, token, lp))
+        for req, token, lp in self._sample(logits, to_sample):
+            outputs.append(self._append_token(req, token, lp))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple]:
+        """(request, token, logprob) per request. Sampling is the per-request part of a step:
+        if the batch draw fails, each row is drawn alone and a request whose draw fails is
+        aborted by itself, so one request can never fail its batch mates."""
+        if not requests:
+            return []
+        try:
+            result = self.sampler(logits, requests)
+            return list(zip(requests, result.token_ids, result.logprobs))
+        except Exception:  # noqa: BLE001 - narrowed to the failing request below
+            log.warning("batch sampling failed; drawing its %d requests one by one",
+                        len(requests), exc_info=True)
+        drawn = []
+        for i, req in enumerate(requests):
+            try:
+                result = self.sampler(logits[i:i + 1], [req])
+            except Exception as e:  # noqa: BLE001 - this request's fault: end it alone
+                log.error("request %s: sampling failed (%s: %s); aborting it",
+                          req.request_id, type(e).__name__, e)
+                self.abort(req.request_id)
+                continue
+            drawn.append((req, result.token_ids[0], result.logprobs[0]))
+        return drawn
 
     def _append_token(self, req: Request, token: int, logprob) -> RequestOutput:
         req.token_ids.append(token)

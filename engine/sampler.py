@@ -3,6 +3,12 @@
 Order (as vLLM/HF): penalties on raw logits, then temperature, then min-p / top-k / top-p
 filtering, then a draw. Greedy rows (temperature 0) take the argmax of the penalised logits.
 Seeded requests draw from their own generator so their output does not depend on the batch.
+
+Every value SamplingParams admits samples a valid token: penalties may push logits to +-inf
+(a repetition penalty of 1e-30), and a vanishing temperature (1e-40) overflows a plain
+`logits / temperature`; so logits are made finite, shifted so each row's maximum is 0 and only
+then divided by a temperature floored at the smallest normal float32 (a temperature that small
+is argmax among the tied maxima, which is what the limit means).
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ class Sampler:
         self.generators.pop(request_id, None)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        logits = logits.float()
+        # A copy: penalties write in place, and the engine may draw the rows again one by one.
+        logits = logits.to(torch.float32, copy=True)
         self._apply_penalties(logits, requests)
+        # A NaN is no preference; +inf (a penalty's overflow) the largest finite logit.
+        logits = torch.nan_to_num(logits, nan=-torch.inf, posinf=torch.finfo(logits.dtype).max)
         want_logprobs = any(r.sampling.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = torch.empty(len(requests), dtype=torch.long)
@@ -73,7 +82,12 @@ class Sampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         temps = torch.tensor([r.sampling.temperature for r in requests]).unsqueeze(1)
-        logits = logits / temps
+        temps = temps.clamp_min(torch.finfo(temps.dtype).tiny)
+        # Shifted so that each row's maximum is exactly 0: dividing by any temperature then
+        # leaves the maxima at 0 and sends the rest towards -inf, never to NaN. A row with no
+        # finite logit at all (every token masked) falls back to uniform.
+        top = logits.max(dim=-1, keepdim=True).values
+        logits = torch.where(top.isfinite(), (logits - top) / temps, torch.zeros_like(logits))
         probs = torch.softmax(logits, dim=-1)
         min_p = torch.tensor([r.sampling.min_p for r in requests]).unsqueeze(1)
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)

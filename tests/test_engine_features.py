@@ -186,3 +186,36 @@ def test_warmup_leaves_no_trace(tiny_llama, mode):
         out = engine.generate([prompt], greedy(n=1 if mode == EngineMode.PREFILL else N))[0]
         assert out.num_cached_tokens == 0
         assert out.new_token_ids == hf_greedy(tiny_llama, prompt, len(out.new_token_ids))
+
+
+def test_a_request_whose_sampling_fails_ends_alone(tiny_llama):
+    """An error tied to one request (here a sampling field corrupted after validation, as a
+    bug or a numerically hostile value would) aborts that request only; its batch mates run
+    to the end with the tokens they get alone."""
+    import dataclasses
+
+    prompts = random_prompts(2, 320, seed=12)
+    sampled = SamplingParams(max_tokens=N, temperature=0.8, seed=5, ignore_eos=True)
+    alone = make_engine(tiny_llama)
+    want_greedy = alone.generate([prompts[0]], greedy())[0].new_token_ids
+    want_sampled = alone.generate([prompts[1]], sampled)[0].new_token_ids
+
+    engine = make_engine(tiny_llama)
+    good = engine.add_request(prompts[0], greedy())
+    mate = engine.add_request(prompts[1], sampled)
+    bad = engine.add_request(prompts[1], dataclasses.replace(sampled, seed=6))
+    seen: dict[str, list[int]] = {good: [], mate: [], bad: []}
+    reasons = {}
+    for o in engine.step():
+        seen[o.request_id] += o.new_token_ids
+    object.__setattr__(engine.requests[bad].sampling, "top_k", "not a number")
+    while engine.has_unfinished():
+        for o in engine.step():
+            seen[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    assert reasons == {good: "length", mate: "length", bad: "abort"}
+    assert seen[good] == want_greedy
+    assert seen[mate] == want_sampled
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

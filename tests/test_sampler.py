@@ -82,3 +82,29 @@ def test_invalid_params(bad):
 
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)
+
+
+EXTREMES = [{"temperature": 1e-40}, {"temperature": 5e-324}, {"temperature": 100.0},
+            {"repetition_penalty": 1e-30}, {"repetition_penalty": 10.0},
+            {"presence_penalty": -2.0, "frequency_penalty": -2.0},
+            {"temperature": 1e-40, "top_p": 1e-30, "min_p": 1.0, "top_k": 1}]
+
+
+@pytest.mark.parametrize("params", EXTREMES)
+def test_every_admitted_value_samples_a_token(params):
+    """Validation admits these; the draw must neither raise nor pick a token outside the
+    vocabulary (temperature 1e-40 used to overflow `logits / temperature` to inf and NaN)."""
+    logits = torch.tensor([[30.0, 29.0, -5.0, 0.0, 1e4, -1e4]])
+    r = req(prompt=[4, 0], out=[4, 4, 1], **params)
+    for _ in range(20):
+        token = Sampler(seed=3)(logits.clone(), [r]).token_ids[0]
+        assert 0 <= token < logits.shape[1]
+    if params.get("temperature", 1.0) < 1e-30:  # a vanishing temperature is greedy
+        assert token == 4
+
+
+def test_vanishing_temperature_picks_among_tied_maxima_only():
+    logits = torch.tensor([[2.0, 7.0, 7.0, -1.0]])
+    got = {Sampler(seed=s)(logits.clone(), [req(temperature=1e-40)]).token_ids[0]
+           for s in range(30)}
+    assert got <= {1, 2}

@@ -119,8 +119,10 @@ class EngineLoop:
                              exc_info=True)
                 os._exit(TP_FAILED_EXIT_CODE)
             except Exception:
-                # A failing step would fail again with the same batch: abort what was in it
-                # (owners see finish_reason "abort") and keep the worker serving new requests.
+                # A failure of the step itself (the forward pass), which no single request
+                # owns (one request's sampling failure ends only that request, inside
+                # LLMEngine.step); it would fail again with the same batch: abort what was in
+                # it (owners see finish_reason "abort") and keep the worker serving.
                 log.exception("engine step failed; aborting its requests")
                 sched = self.engine.scheduler
                 for req in list(sched.running) + list(sched.waiting):
