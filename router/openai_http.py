@@ -12,12 +12,16 @@ body: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `priority`, `ttft_ms
 Responses add a `pdserve` key: `tokens` per stream chunk, and on the last chunk (or the JSON
 body) `final` with the per-phase timing and placement of the gRPC final message.
 
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request,
-429 overloaded (with Retry-After), 503 no healthy worker.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request
+(any body that cannot be read as JSON: a bad content encoding, an unknown charset, nesting too
+deep to parse), 413 body too large, 429 overloaded (with Retry-After), 503 no healthy worker.
+Framing errors aiohttp's HTTP parser rejects before a handler runs (a Content-Length that is not
+a number, bytes left over after a short one) get its own plain-text 400.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import time
@@ -26,6 +30,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve_api.messages import InvalidArgument, build_generate_request
 
@@ -143,9 +148,13 @@ class OpenAIServer:
         except RouterError as e:
             return _router_error(e)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(400, "invalid_request_error", "the body is not valid JSON")
+            body = await _read_json(request)
+        except web.HTTPRequestEntityTooLarge as e:
+            return error_response(413, "invalid_request_error", e.text or "body too large")
+        except BadRequest as e:
+            bad = error_response(400, "invalid_request_error", str(e), e.param)
+            bad.force_close()  # what follows an unreadable body on this connection is suspect
+            return bad
         try:
             msg, stream, include_usage = self._to_request(body, chat)
         except BadRequest as e:
@@ -288,6 +297,28 @@ class OpenAIServer:
         await send("[DONE]")
         await resp.write_eof()
         return resp
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The body as JSON; BadRequest saying why it cannot be read (never an internal error)."""
+    try:
+        raw = await request.read()
+    except RequestPayloadError:  # a Content-Encoding the body is not in
+        encoding = request.headers.get("Content-Encoding", "")
+        raise BadRequest(f"the body is not {encoding or 'in its Content-Encoding'}") from None
+    charset = request.charset or "utf-8"
+    try:
+        text = raw.decode(codecs.lookup(charset).name)
+    except LookupError:
+        raise BadRequest(f"unknown charset {charset!r}") from None
+    except UnicodeError as e:
+        raise BadRequest(f"the body is not valid {charset}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
 
 
 def _str(body: dict, key: str) -> str:

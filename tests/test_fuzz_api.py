@@ -4,10 +4,13 @@ error), no process dies, no KV block leaks, and the cluster serves a normal requ
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
+import zlib
 
 import grpc
 import pytest
@@ -185,6 +188,106 @@ def test_fuzzed_openai_bodies_get_clear_http_errors(cluster):
 
     one()
     assert 400 in seen
+    _still_serving(cluster)
+
+
+def _post_raw(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One POST written byte by byte (urllib would fix Content-Length and the encoding); the
+    status and body of the first response, read until the server closes."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    data = (f"POST /v1/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{head}\r\n"
+            .encode("latin-1") + body)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def _openai_error(payload: bytes) -> dict:
+    error = json.loads(payload)["error"]
+    assert error["message"] and error["type"] == "invalid_request_error", error
+    return error
+
+
+VALID = json.dumps({"prompt": [5, 6, 7], "max_tokens": 2}).encode()
+MALFORMED = {
+    "nested 30000 deep": ({}, b"[" * 30_000 + b"]" * 30_000),
+    "charset that does not exist": ({"Content-Type": "application/json; charset=no-such"}, VALID),
+    "gzip that is not gzip": ({"Content-Encoding": "gzip"}, VALID),
+    "deflate that is not deflate": ({"Content-Encoding": "deflate"}, VALID),
+    "utf-8 that is not": ({"Content-Type": "application/json; charset=utf-8"}, b'{"p": "\xff"}'),
+    "Content-Length shorter than the body": ({"Content-Length": "5"}, VALID[:20]),
+}
+
+
+# aiohttp's HTTP parser refuses some framing with its own plain-text 400 before any handler
+# runs: bytes left over after a short Content-Length, an encoding it has no decoder for (br,
+# zstd), and a compressed body that arrived with its headers and does not decompress (one that
+# arrives later reaches the handler, which answers in the OpenAI shape).
+PARSER_MAY_REJECT = {"gzip that is not gzip", "deflate that is not deflate",
+                     "Content-Length shorter than the body"}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_http_bodies_get_400_in_the_openai_shape(cluster, case):
+    headers, body = MALFORMED[case]
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+    status, payload = _post_raw(cluster.router.http_port, "completions", body, headers)
+    assert status == 400, payload[:300]
+    if case not in PARSER_MAY_REJECT or payload.startswith(b"{"):
+        _openai_error(payload)
+
+
+CHARSETS = ["utf-8", "UTF-8", "utf-16", "latin-1", "ascii", "no-such", "utf-7", "", "\u00e9"]
+ENCODINGS = ["", "identity", "gzip", "deflate", "br", "zstd", "x-unknown", "gzip, gzip"]
+
+COMPRESS = {"gzip": gzip.compress, "deflate": zlib.compress}
+
+
+@st.composite
+def http_requests(draw) -> tuple[dict[str, str], bytes, bool]:
+    """A body with fuzzed headers: charset (and whether the body is really in it), content
+    encoding (and whether the body is really encoded), and a Content-Length that may be too
+    short. Returns (headers, body, whether the framing is honest)."""
+    text = json.dumps({"prompt": draw(st.text(max_size=20)), "max_tokens": 2})
+    charset = draw(st.sampled_from(CHARSETS))
+    try:
+        body = text.encode(charset) if draw(st.booleans()) else text.encode()
+    except (LookupError, UnicodeError):
+        body = text.encode()
+    if draw(st.booleans()):
+        body = draw(st.binary(max_size=60))
+    encoding = draw(st.sampled_from(ENCODINGS))
+    if encoding in COMPRESS and draw(st.booleans()):
+        body = COMPRESS[encoding](body)
+    headers = {"Content-Type": "application/json" + (f"; charset={charset}" if charset else "")}
+    if encoding:
+        headers["Content-Encoding"] = encoding
+    honest = draw(st.booleans()) or not body
+    headers["Content-Length"] = str(len(body) if honest else draw(st.integers(0, len(body) - 1)))
+    return headers, body, honest
+
+
+def test_fuzzed_http_headers_get_clear_http_errors(cluster):
+    port, seen = cluster.router.http_port, set()
+
+    @FUZZ
+    @given(st.sampled_from(["completions", "chat/completions"]), http_requests())
+    def one(path, request):
+        headers, body, honest = request
+        status, payload = _post_raw(port, path, body, headers)
+        assert status in (200, 400, 429), (status, headers, body, payload[:300])
+        parser_may_reject = not honest or "Content-Encoding" in headers
+        if status != 200 and not (parser_may_reject and not payload.startswith(b"{")):
+            _openai_error(payload)
+        seen.add(status)
+
+    one()
+    assert {200, 400} <= seen
     _still_serving(cluster)
 
 
