@@ -3,6 +3,8 @@
     POST /v1/completions         prompt: string, [string], or token ids ([int] / [[int]])
     POST /v1/chat/completions    messages with string or text-part content
     GET  /v1/models, /health, /metrics
+    GET  /v1/timing_profile      the router's learnt timing models (`pdserve profile
+                                 --from-cluster`; router/timing_profile.py format)
 
 Both POST routes stream as server-sent events with `"stream": true` (ending `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk) or answer one JSON body. A body becomes a
@@ -85,6 +87,7 @@ class OpenAIServer:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
+            web.get("/v1/timing_profile", self.timing_profile),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
         ])
@@ -122,6 +125,19 @@ class OpenAIServer:
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
              "max_model_len": self.router.model.max_model_len}]})
+
+    async def timing_profile(self, request: web.Request) -> web.Response:
+        """The router's learnt timing models as a profile (router/timing_profile.py), for
+        `pdserve profile --from-cluster`."""
+        from router.server import RouterError
+
+        try:
+            self.router.authorize(request.headers.get("Authorization"))
+        except RouterError as e:
+            return _router_error(e)
+        profile = self.router.slo.export_profile(model=self.router.model.name,
+                                                 block_size=self.router.model.block_size)
+        return web.Response(text=profile.to_json(), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
         ok = bool(self.router.prefill) and (self.router.colocated or bool(self.router.decode))

@@ -36,6 +36,8 @@ Contract:
 - Removing a worker drops it at once: its slots vanish and no waiter is granted it. Its
   outstanding placements may still be released (a no-op for scheduling). Adding a worker that
   is already present changes nothing; re-adding a removed one starts it with fresh models.
+- `export_profile(...)` gives the learnt models in the timing profile format
+  (router/timing_profile.py): what `pdserve profile --from-cluster` writes.
 - `check_integrity()` asserts the slot/in-flight accounting (tests call it).
 """
 
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.timing_models import Throughput, TimingModel
+from router.timing_profile import Profile
 
 # Deadline given to requests without a TTFT SLO: they sort after every request that has one
 # (within their priority class) but still keep arrival order among themselves.
@@ -441,6 +444,24 @@ class SLOScheduler:
                       "step_model": w.step.as_dict()}
                 for wid, w in self._decode.items()},
         }
+
+    def export_profile(self, *, model: str, block_size: int, kv_bytes_per_token: int = 0,
+                       kv_pool_blocks: int | None = None) -> Profile:
+        """The timings learnt so far as a profile (source "cluster"). A profile describes one
+        worker, so each pool's model is that of the worker that has observed the most: prefill
+        as the service model (x = "tokens_in_flight", grant to first token), decode as the step
+        model (x = "batch_size"). A pool with no observations yet has no model."""
+        prefill = max(self._prefill.values(), key=lambda w: w.service.n, default=None)
+        decode = max(self._decode.values(), key=lambda w: w.step.n, default=None)
+        return Profile(
+            model=model, source="cluster", block_size=block_size,
+            kv_pool_blocks=kv_pool_blocks, kv_bytes_per_token=kv_bytes_per_token,
+            prefill=(prefill.service.export("tokens_in_flight")
+                     if prefill is not None and prefill.service.n else None),
+            decode=(decode.step.export("batch_size")
+                    if decode is not None and decode.step.n else None),
+            notes="learnt online by the router: prefill is grant to first token (queueing in "
+                  "the worker and KV transfer included) against the uncached tokens in flight")
 
     def check_integrity(self) -> None:
         for w in self._prefill.values():

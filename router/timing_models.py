@@ -8,11 +8,17 @@
 
 Both ignore non-finite observations and never predict a negative time. Pure arithmetic: no
 clock, no I/O, no locks (`router/slo.py` owns them on its event loop).
+
+A `TimingModel`'s fitted state reads and writes the timing profile format
+(router/timing_profile.py): `export` gives a `LinearModel`, `from_linear` starts a model from
+one (a profile's fit becomes the prior the online fit starts from).
 """
 
 from __future__ import annotations
 
 import math
+
+from router.timing_profile import LinearModel
 
 
 class TimingModel:
@@ -91,6 +97,25 @@ class TimingModel:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"a": self._a, "b": self._b, "spread": self.spread, "n": self.n}
+
+    def export(self, x_feature: str) -> LinearModel:
+        """The fitted line as a profile model in `x_feature`. Its relative error is `spread`
+        over the (weighted) mean observed y: the online errors are measured before each
+        observation is learnt, so they are held-out errors. No points are kept, so the
+        largest error is unknown (None)."""
+        mean_y = self._sy / self._w if self._w else 0.0
+        rel = self.spread / mean_y if mean_y > 0 else 0.0
+        return LinearModel(("1", x_feature), (self._a, self._b), rel_rmse=rel,
+                           max_rel_error=None, n_points=self.n)
+
+    @classmethod
+    def from_linear(cls, model: LinearModel, x_feature: str, decay: float = 0.9, *,
+                    prior_weight: float = 2.0) -> TimingModel:
+        """A model whose prior is `model`'s intercept and `x_feature` slope. The online model
+        is a line in one x: `model`'s other terms (e.g. a profile's attention term) are left
+        out, so import a model fitted in that x for exact agreement."""
+        return cls(model.coefficient("1"), model.coefficient(x_feature), decay,
+                   prior_weight=prior_weight)
 
 
 class Throughput:

@@ -15,6 +15,7 @@ import json
 import pytest
 from cluster_helpers import ray_session, tiny_model, wait_idle
 
+from launcher.cli import main as launcher_main
 from launcher.cluster import ClusterConfig, LocalCluster
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.cli import main as loadgen_main
@@ -22,6 +23,7 @@ from loadgen.runner import BenchConfig, run_bench
 from loadgen.stats import PHASES, STATS, summarize
 from loadgen.workloads import TrafficClass, WorkloadConfig, make_workload
 from router.server import RouterConfig
+from router.timing_profile import Profile
 
 VOCAB = 320  # tiny_models' vocabulary
 ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 16, "max_num_batched_tokens": 256}
@@ -199,3 +201,26 @@ def test_cli_sweep_writes_reports_plots_and_compares(cluster, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "ttft p99" in text and "goodput" in text and "x" in text
+
+
+def test_profile_from_cluster_is_the_routers_learnt_models(cluster, tmp_path):
+    """`pdserve profile --from-cluster` reads the router's online timing models over HTTP
+    (GET /v1/timing_profile) in the profile format: the same lines the scheduler predicts with."""
+    cfg = bench(cluster.address, arrival=ArrivalConfig(kind="concurrency", concurrency=1),
+                limits=Limits(num_requests=3, warmup_requests=0))
+    asyncio.run(run_bench(cfg))
+    out = tmp_path / "cluster.json"
+    assert launcher_main(["profile", "--from-cluster", f"127.0.0.1:{cluster.router.http_port}",
+                          "--out", str(out)]) == 0
+    profile = Profile.from_json(out.read_text())
+    assert profile.source == "cluster" and profile.block_size == cluster.router.model.block_size
+    snap = cluster.router.slo.snapshot()
+    (service,) = [w["service_model"] for w in snap["prefill"].values()]
+    assert profile.prefill.features == ("1", "tokens_in_flight")
+    assert profile.prefill.coef == pytest.approx((service["a"], service["b"]))
+    assert profile.prefill.n_points == service["n"] >= 3
+    (step,) = [w["step_model"] for w in snap["decode"].values()]
+    if step["n"]:
+        assert profile.decode.coef == pytest.approx((step["a"], step["b"]))
+    else:
+        assert profile.decode is None

@@ -1,0 +1,1 @@
+"""Planning: measure a deployment's timings (`pdserve profile`) and simulate serving on them."""
