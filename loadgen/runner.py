@@ -85,7 +85,7 @@ async def run_bench(config: BenchConfig, *, backend: Backend | None = None,
     backend = backend or make_backend(config.backend, config.address,
                                       channels=config.channels)
     specs = iter(workload if workload is not None
-                 else make_workload(config.workload, _seeds(config.seed)[0]))
+                 else make_workload(config.workload, split_seeds(config.seed)[0]))
     await backend.start()
     try:
         return await _Run(config, backend, specs, progress).run()
@@ -109,8 +109,9 @@ async def run_sweep(config: BenchConfig, *, progress: bool = False,
     return results
 
 
-def _seeds(seed: int) -> tuple[int, int]:
-    """Independent seeds for the workload and the arrival process."""
+def split_seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for the workload and the arrival process (the simulator,
+    planner/sim_inputs.py, uses them too, to replay a run's exact requests)."""
     a, b = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
     return a, b
 
@@ -126,7 +127,7 @@ class _Run:
         self.t0 = 0.0
         self.errors = 0
         self.schedule = (open_loop_schedule(config.arrival, config.limits,
-                                            _seeds(config.seed)[1])
+                                            split_seeds(config.seed)[1])
                          if config.arrival.open_loop else None)
         self.bar = None
         if progress:

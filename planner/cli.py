@@ -1,16 +1,27 @@
-"""`pdserve profile`: the command-line layer over planner/profile.py and a live router's
-`GET /v1/timing_profile` (router/openai_http.py)."""
+"""`pdserve profile` and `pdserve simulate`: the command-line layer over planner/profile.py
+(and a live router's `GET /v1/timing_profile`, router/openai_http.py) and
+planner/simulator.py."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from engine.config import EngineConfig
+from loadgen.arrivals import ArrivalConfig
+from loadgen.report import format_report, write_json, write_records
+from loadgen.runner import BenchConfig
+from loadgen.stats import summarize
+from loadgen.workloads import TrafficClass, WorkloadConfig
 from planner.profile import SweepGrid, run_sweep
+from planner.sim_inputs import SimRequest, bench_config_from_json, from_bench_config, from_trace
+from planner.simulator import SimConfig, simulate
 from router.timing_profile import LinearModel, Profile
 
 
@@ -98,3 +109,76 @@ def summary(profile: Profile) -> str:
         lines.append(f"  {name:<14} s = {terms}   (held-out error {m.rel_rmse:.1%}{worst}, "
                      f"{m.n_points} points)")
     return "\n".join(lines)
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a cluster on a profile: the report of "
+                                        "`pdserve bench`, without running the model")
+    p.add_argument("--profile", required=True, help="a profile JSON (`pdserve profile`)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bench-config", type=Path, metavar="REPORT.json",
+                     help="replay the arrivals and workload of a `pdserve bench` report's "
+                          "config (same seed: the same prompts at the same times)")
+    src.add_argument("--trace", type=Path, metavar="REQUESTS.jsonl",
+                     help="replay a `pdserve bench` requests.jsonl (lengths and send times)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="poisson arrivals at this rate (overrides --bench-config's arrivals)")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--input-len", default="uniform:32:256", help="without --bench-config")
+    p.add_argument("--output-len", default="uniform:8:64", help="without --bench-config")
+    p.add_argument("--ttft-ms", type=float, default=0.0, help="without --bench-config")
+    p.add_argument("--tpot-ms", type=float, default=0.0, help="without --bench-config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--colocated", type=int, default=0, help="N colocated workers instead")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV pool per worker in blocks (default: the profile's)")
+    p.add_argument("--transport", default=None, help="the profile's transfer model to use")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=EngineConfig.max_num_batched_tokens)
+    p.add_argument("--out", type=Path, default=Path("pdserve-sim"), metavar="DIR",
+                   help="where report.json and requests.jsonl go (default ./pdserve-sim)")
+    p.add_argument("--label", default="")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _requests(args: argparse.Namespace) -> tuple[list[SimRequest], dict[str, Any]]:
+    """The simulated requests and the run's config as a bench report records it."""
+    if args.trace:
+        reqs = from_trace(args.trace, seed=args.seed)
+        return reqs, {"arrival": {"kind": f"trace {args.trace}"},
+                      "workload": {"kind": "trace"}, "seed": args.seed}
+    if args.bench_config:
+        raw = json.loads(args.bench_config.read_text())
+        bench = bench_config_from_json(raw.get("config", raw))
+    else:
+        bench = BenchConfig(workload=WorkloadConfig(
+            input_len=args.input_len, output_len=args.output_len,
+            classes=[TrafficClass(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)]), seed=args.seed)
+    if args.rate is not None:
+        bench.arrival = ArrivalConfig(kind="poisson", rate=args.rate)
+    if args.num_requests is not None:
+        bench.limits = dataclasses.replace(bench.limits, num_requests=args.num_requests)
+    return from_bench_config(bench), bench.to_json()
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    profile = Profile.from_json(Path(args.profile).read_text())
+    engine = EngineConfig(block_size=profile.block_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
+    config = SimConfig(profile, num_prefill=args.prefill, num_decode=args.decode,
+                       num_colocated=args.colocated, engine=engine,
+                       num_kv_blocks=args.kv_blocks, transport=args.transport)
+    reqs, run_config = _requests(args)
+    records = simulate(config, reqs)
+    run_config["label"] = args.label or f"simulated {config.describe()}"
+    run_config["simulation"] = {"profile": args.profile, "cluster": config.describe(),
+                                "devices": config.devices, "kv_blocks": config.num_kv_blocks}
+    report = summarize(records, run_config, {"simulated": True})
+    print(format_report(report))
+    files = [write_json(report, args.out / "report.json"),
+             write_records(records, args.out / "requests.jsonl")]
+    print(f"wrote {', '.join(map(str, files))}", file=sys.stderr)
+    return 0

@@ -30,11 +30,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pdserve_api.errors import ConfigError
+
 PROFILE_VERSION = 1
 
 
-class ProfileError(ValueError):
-    """A profile that cannot be read or used; str() says why."""
+class ProfileError(ConfigError):
+    """A profile that cannot be read or used; str() says why (the CLI prints it)."""
 
 
 @dataclass(frozen=True)
