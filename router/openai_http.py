@@ -9,7 +9,10 @@
 Both POST routes stream as server-sent events with `"stream": true` (ending `data: [DONE]`;
 `stream_options.include_usage` adds a usage chunk) or answer one JSON body. A body becomes a
 `GenerateRequest` and runs through `Router.generate`, exactly like a gRPC call, so validation,
-SLO scheduling and cancellation (client disconnect) are the same. pdserve extensions in the
+SLO scheduling and cancellation are the same: a client that disconnects, streaming or not,
+cancels its request (the handler task is cancelled, or a write to the gone client fails, and
+the request's generator is closed), which aborts it on its workers; a stream that ran to its
+final message is read to its end, so it is never counted as cancelled. pdserve extensions in the
 body: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `priority`, `ttft_ms`, `tpot_ms`.
 Responses add a `pdserve` key: `tokens` per stream chunk, and on the last chunk (or the JSON
 body) `final` with the per-phase timing and placement of the gRPC final message.
@@ -24,6 +27,7 @@ a number, bytes left over after a short one) get its own plain-text 400.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import time
@@ -91,7 +95,9 @@ class OpenAIServer:
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
         ])
-        self.runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, which is how a
+        # non-streaming request (nothing written until the end) learns its client is gone.
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         ssl_context = None
         if tls is not None:
@@ -177,10 +183,11 @@ class OpenAIServer:
             return error_response(400, "invalid_request_error", str(e), e.param)
         self._ids += 1
         oid = f"{'chatcmpl' if chat else 'cmpl'}-{self._ids}-{time.time_ns() % 10**9}"
-        responses = self.router.generate(msg)
-        if stream:
-            return await self._stream(request, responses, oid, chat, include_usage)
-        return await self._collect(responses, oid, chat)
+        # Closing the generator early (an error, a disconnect) aborts the request everywhere.
+        async with contextlib.aclosing(self.router.generate(msg)) as responses:
+            if stream:
+                return await self._stream(request, responses, oid, chat, include_usage)
+            return await self._collect(responses, oid, chat)
 
     def _to_request(self, body: Any, chat: bool):
         if not isinstance(body, dict):
@@ -298,6 +305,8 @@ class OpenAIServer:
                                      extra={"tokens": len(msg.token_ids)}))
                     is_first = False
                 if msg.HasField("final"):
+                    async for _ in it:  # the generator ends after its final message
+                        pass
                     await send(chunk(None, msg.final.finish_reason,
                                      extra={"final": _pdserve_final(msg.final)}))
                     if include_usage:
@@ -306,12 +315,18 @@ class OpenAIServer:
                                     "usage": _usage(msg.final)})
                     break
                 msg = await it.__anext__()
+            await send("[DONE]")
+            await resp.write_eof()
         except RouterError as e:
             status, kind_ = HTTP_STATUS.get(e.code, (500, "internal_error"))
-            await send({"error": {"message": e.message, "type": kind_, "param": None,
-                                  "code": status}})
-        await send("[DONE]")
-        await resp.write_eof()
+            with contextlib.suppress(ConnectionResetError):
+                await send({"error": {"message": e.message, "type": kind_, "param": None,
+                                      "code": status}})
+                await send("[DONE]")
+                await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away mid-stream: the caller closes the generator, a cancel.
+            log.info("%s: client disconnected mid-stream; cancelling", oid)
         return resp
 
 
