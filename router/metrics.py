@@ -6,9 +6,11 @@ up --metrics-port P` serves it over HTTP for Prometheus to scrape.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from worker_host.metrics import E2E, FAST, PHASE
+from worker_host.metrics import E2E, FAST, PHASE, TOKEN
 
 
 class RouterMetrics:
@@ -19,7 +21,11 @@ class RouterMetrics:
                               registry=r)
         self.tpot = Histogram("pdserve:time_per_output_token_seconds",
                               "Mean time per output token after the first, per request",
-                              buckets=FAST, registry=r)
+                              buckets=TOKEN, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds",
+                             "Time between successive output tokens sent to the client (a "
+                             "message of k tokens counts its gap k times, each 1/k of it)",
+                             buckets=TOKEN, registry=r)
         self.e2e = Histogram("pdserve:e2e_request_latency_seconds",
                              "Arrival to the final message", buckets=E2E, registry=r)
         self.queue = Histogram("pdserve:request_queue_time_seconds",
@@ -91,5 +97,27 @@ class RouterMetrics:
         self.prefix_queries.inc(final.prompt_tokens)
         self.prefix_hits.inc(final.cached_tokens)
 
+    def token_clock(self) -> TokenClock:
+        """One request's inter-token clock: `sent(n)` as each message with n tokens goes."""
+        return TokenClock(self.itl)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TokenClock:
+    """Observes the gaps between one request's output tokens as they are sent."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._last: float | None = None  # when the previous token went out
+
+    def sent(self, num_tokens: int) -> None:
+        if not num_tokens:
+            return
+        now = time.monotonic()
+        if self._last is not None:
+            gap = (now - self._last) / num_tokens
+            for _ in range(num_tokens):
+                self._histogram.observe(gap)
+        self._last = now

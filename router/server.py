@@ -360,8 +360,10 @@ class Router:
                    tpot_slo_s=req.tpot_slo_s)
         self.metrics.running.inc()
         self._in_flight += 1
+        clock = self.metrics.token_clock()
         try:
             async for response in self.serve(req, token_ids, info, hits, run):
+                clock.sent(len(response.token_ids))
                 yield response
         except Rejected as e:
             self.metrics.rejected.labels("resource_exhausted").inc()

@@ -146,18 +146,49 @@ def test_shared_prefix_routes_to_holder_and_skips_cached_tokens(cluster22):
     assert b.prompt_tokens == 164
 
 
-def test_prometheus_metrics_show_phases_and_transport(cluster22):
+def test_prometheus_metrics_count_each_request_in_every_phase(cluster22):
+    """Each histogram counts the request once (ITL once per token after the first), with the
+    time it took; counters move by what the request did. Values read over HTTP, before and
+    after, so a metric that is registered but never observed fails."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{cluster22.router.metrics_port}/metrics"
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    before = scrape()
     with GenerateClient(cluster22.address) as client:
         final = client.generate(build_generate_request(token_ids=[4, 5, 6], sampling=GREEDY)).final
-    url = f"http://127.0.0.1:{cluster22.router.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    wait_idle(cluster22)
+    after = scrape()
+
+    def moved(name: str, **labels) -> float:
+        key = (f"pdserve:{name}", tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    n = GREEDY.max_tokens
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
-                 "request_queue_time_seconds", "prefill_time_seconds", "kv_transfer_seconds"):
-        assert f"pdserve:{name}_count" in text
-    assert f'pdserve:kv_transfers_total{{transport="{final.kv_transport}"}}' in text
-    assert 'pdserve:request_success_total{finished_reason="length"}' in text
+                 "request_queue_time_seconds", "prefill_time_seconds", "decode_time_seconds",
+                 "time_per_output_token_seconds"):
+        assert moved(f"{name}_count") == 1, name
+        assert moved(f"{name}_sum") > 0, name
+    assert moved("kv_transfer_seconds_count", transport=final.kv_transport) == 1
+    assert moved("inter_token_latency_seconds_count") == n - 1
+    assert moved("inter_token_latency_seconds_sum") > 0
+    assert moved("kv_transfers_total", transport=final.kv_transport) == 1
+    assert moved("request_success_total", finished_reason="length") == 1
+    assert moved("request_slo_met_total") == 1  # no SLO counts as met
+    assert moved("requests_cancelled_total") == 0
+    assert moved("prefix_cache_queries_total") == 3
+    # A CPU box sees TPOTs of seconds: the top finite bucket must be above them.
+    tops = [float(dict(labels)["le"]) for name, labels in after
+            if name == "pdserve:time_per_output_token_seconds_bucket"]
+    assert max(t for t in tops if t != float("inf")) >= 10.0
 
 
 def test_openai_client_completions_and_chat(cluster22, model_dir):

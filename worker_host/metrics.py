@@ -1,5 +1,9 @@
 """A pool worker's Prometheus metrics, labelled by pool and worker and served by the worker
-itself; the latency buckets the router's metrics share."""
+itself; the latency buckets the router's metrics share.
+
+Request outcomes (success, SLO met, latencies) are the router's: a worker sees one phase of a
+request and never its SLO.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from engine.native_heap import heap_in_use_bytes
 FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 PHASE = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 E2E = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+# Per output token (TPOT, inter-token latency): vLLM's range, which a loaded CPU box reaches
+# the top of (seconds per token), with sub-10 ms buckets for a GPU.
+TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+         0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
 
@@ -36,9 +44,6 @@ class WorkerMetrics:
         self._labels = (pool, worker_id)
         self.running = Gauge("pdserve:num_requests_running", "Requests in the running batch",
                              labels, registry=r).labels(*self._labels)
-        self.slo_met = Counter("pdserve:request_slo_met_total",
-                               "Finished requests that met their TTFT and TPOT SLO (no SLO "
-                               "counts as met): rate() of it is goodput", registry=r)
         self.waiting = Gauge("pdserve:num_requests_waiting", "Requests waiting in the engine",
                              labels, registry=r).labels(*self._labels)
         self.kv_usage = Gauge("pdserve:kv_cache_usage_perc",
