@@ -11,7 +11,7 @@ import sys
 from engine.config import EngineConfig
 from pdserve_api.errors import ConfigError, InvalidRequestError
 from pdserve_api.sampling import SamplingParams
-from planner.cli import add_profile_parser, add_simulate_parser
+from planner.cli import add_plan_parser, add_profile_parser, add_simulate_parser
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_profile_parser(sub)
     add_simulate_parser(sub)
+    add_plan_parser(sub)
 
     imp = sub.add_parser("import-model", help="fetch/import a model into the cache, print path")
     imp.add_argument("--model", default=None)

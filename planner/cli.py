@@ -19,6 +19,7 @@ from loadgen.report import format_report, write_json, write_records
 from loadgen.runner import BenchConfig
 from loadgen.stats import summarize
 from loadgen.workloads import TrafficClass, WorkloadConfig
+from planner.plan import plan
 from planner.profile import SweepGrid, run_sweep
 from planner.sim_inputs import SimRequest, bench_config_from_json, from_bench_config, from_trace
 from planner.simulator import SimConfig, simulate
@@ -111,37 +112,88 @@ def summary(profile: Profile) -> str:
     return "\n".join(lines)
 
 
-def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="simulate a cluster on a profile: the report of "
-                                        "`pdserve bench`, without running the model")
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, help="a profile JSON (`pdserve profile`)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--bench-config", type=Path, metavar="REPORT.json",
-                     help="replay the arrivals and workload of a `pdserve bench` report's "
-                          "config (same seed: the same prompts at the same times)")
-    src.add_argument("--trace", type=Path, metavar="REQUESTS.jsonl",
-                     help="replay a `pdserve bench` requests.jsonl (lengths and send times)")
-    p.add_argument("--rate", type=float, default=None,
-                   help="poisson arrivals at this rate (overrides --bench-config's arrivals)")
-    p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--input-len", default="uniform:32:256", help="without --bench-config")
-    p.add_argument("--output-len", default="uniform:8:64", help="without --bench-config")
-    p.add_argument("--ttft-ms", type=float, default=0.0, help="without --bench-config")
-    p.add_argument("--tpot-ms", type=float, default=0.0, help="without --bench-config")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
-    p.add_argument("--colocated", type=int, default=0, help="N colocated workers instead")
     p.add_argument("--kv-blocks", type=int, default=None,
                    help="KV pool per worker in blocks (default: the profile's)")
     p.add_argument("--transport", default=None, help="the profile's transfer model to use")
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int,
                    default=EngineConfig.max_num_batched_tokens)
+
+
+def _add_workload_args(p: argparse.ArgumentParser, *, trace: bool) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bench-config", type=Path, metavar="REPORT.json",
+                     help="the arrivals and workload of a `pdserve bench` report's config "
+                          "(same seed: the same prompts at the same times)")
+    if trace:
+        src.add_argument("--trace", type=Path, metavar="REQUESTS.jsonl",
+                         help="replay a `pdserve bench` requests.jsonl (lengths, send times)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="poisson arrivals at this rate (overrides --bench-config's arrivals)")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--workload", default="random", choices=["random", "shared-prefix"],
+                   help="without --bench-config")
+    p.add_argument("--input-len", default="uniform:32:256", help="without --bench-config")
+    p.add_argument("--output-len", default="uniform:8:64", help="without --bench-config")
+    p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix")
+    p.add_argument("--suffix-len", type=int, default=32, help="shared-prefix")
+    p.add_argument("--num-groups", type=int, default=4, help="shared-prefix")
+    p.add_argument("--ttft-ms", type=float, default=0.0, help="TTFT SLO (0: none)")
+    p.add_argument("--tpot-ms", type=float, default=0.0, help="TPOT SLO (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a cluster on a profile: the report of "
+                                        "`pdserve bench`, without running the model")
+    _add_cluster_args(p)
+    _add_workload_args(p, trace=True)
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--colocated", type=int, default=0, help="N colocated workers instead")
     p.add_argument("--out", type=Path, default=Path("pdserve-sim"), metavar="DIR",
                    help="where report.json and requests.jsonl go (default ./pdserve-sim)")
     p.add_argument("--label", default="")
     p.set_defaults(func=cmd_simulate)
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search colocated and every P:D split of N devices for "
+                                    "the highest goodput per device within the SLO")
+    _add_cluster_args(p)
+    _add_workload_args(p, trace=False)
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--attainment", type=float, default=0.9,
+                   help="share of requests that must meet the SLO (default 0.9)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="also write the table and recommendation as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    if args.bench_config:
+        raw = json.loads(args.bench_config.read_text())
+        bench = bench_config_from_json(raw.get("config", raw))
+    else:
+        bench = BenchConfig(seed=args.seed, workload=WorkloadConfig(
+            kind=args.workload, input_len=args.input_len, output_len=args.output_len,
+            prefix_len=args.prefix_len, suffix_len=args.suffix_len, num_groups=args.num_groups,
+            classes=[TrafficClass(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)]))
+    if args.rate is not None:
+        bench.arrival = ArrivalConfig(kind="poisson", rate=args.rate)
+    if args.num_requests is not None:
+        bench.limits = dataclasses.replace(bench.limits, num_requests=args.num_requests)
+    return bench
+
+
+def _sim_config(args: argparse.Namespace, **workers: int) -> SimConfig:
+    profile = Profile.from_json(Path(args.profile).read_text())
+    engine = EngineConfig(block_size=profile.block_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
+    return SimConfig(profile, engine=engine, num_kv_blocks=args.kv_blocks,
+                     transport=args.transport, **workers)
 
 
 def _requests(args: argparse.Namespace) -> tuple[list[SimRequest], dict[str, Any]]:
@@ -150,27 +202,13 @@ def _requests(args: argparse.Namespace) -> tuple[list[SimRequest], dict[str, Any
         reqs = from_trace(args.trace, seed=args.seed)
         return reqs, {"arrival": {"kind": f"trace {args.trace}"},
                       "workload": {"kind": "trace"}, "seed": args.seed}
-    if args.bench_config:
-        raw = json.loads(args.bench_config.read_text())
-        bench = bench_config_from_json(raw.get("config", raw))
-    else:
-        bench = BenchConfig(workload=WorkloadConfig(
-            input_len=args.input_len, output_len=args.output_len,
-            classes=[TrafficClass(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)]), seed=args.seed)
-    if args.rate is not None:
-        bench.arrival = ArrivalConfig(kind="poisson", rate=args.rate)
-    if args.num_requests is not None:
-        bench.limits = dataclasses.replace(bench.limits, num_requests=args.num_requests)
+    bench = _bench_config(args)
     return from_bench_config(bench), bench.to_json()
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    profile = Profile.from_json(Path(args.profile).read_text())
-    engine = EngineConfig(block_size=profile.block_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens)
-    config = SimConfig(profile, num_prefill=args.prefill, num_decode=args.decode,
-                       num_colocated=args.colocated, engine=engine,
-                       num_kv_blocks=args.kv_blocks, transport=args.transport)
+    config = _sim_config(args, num_prefill=args.prefill, num_decode=args.decode,
+                         num_colocated=args.colocated)
     reqs, run_config = _requests(args)
     records = simulate(config, reqs)
     run_config["label"] = args.label or f"simulated {config.describe()}"
@@ -181,4 +219,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     files = [write_json(report, args.out / "report.json"),
              write_records(records, args.out / "requests.jsonl")]
     print(f"wrote {', '.join(map(str, files))}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    result = plan(_sim_config(args, num_colocated=1), _bench_config(args), args.devices,
+                  attainment=args.attainment)
+    print(result.table())
+    if args.json:
+        write_json(result.to_json(), args.json)
     return 0
