@@ -149,9 +149,9 @@ class Simulator:
         return asyncio.run(self._main(requests))
 
     async def _main(self, requests: Sequence[SimRequest]) -> list[RequestRecord]:
-        for spec in requests:
+        for i, spec in enumerate(requests):  # ids by position: a trace may repeat indices
             sampling = SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True)
-            run = _Run(spec, Request(f"sim-{spec.index}", list(spec.token_ids), sampling))
+            run = _Run(spec, Request(f"sim-{i}", list(spec.token_ids), sampling))
             self._runs[run.req.request_id] = run
             self._at(spec.arrival_s, self._arrive, run)
         while self._events:
