@@ -179,3 +179,18 @@ def test_cli_simulates_a_bench_config_and_compare_reads_it(tmp_path, capsys):
     assert main(["simulate", "--profile", str(profile), "--trace",
                  str(out / "requests.jsonl"), "--colocated", "1", "--out", str(trace)]) == 0
     assert json.loads((trace / "report.json").read_text())["counts"]["sent"] == 20
+
+
+def test_one_slot_and_fixed_service_is_an_md1_queue():
+    """Poisson arrivals, one prefill slot, a fixed service time D: an M/D/1 queue, whose mean
+    wait is rho*D / (2*(1 - rho)) (Pollaczek-Khinchine). At rho = 0.5 that is D/2; a long
+    run's sample mean is within a few percent of it."""
+    service, rho, n = PREFILL_S, 0.5, 4000
+    bench = BenchConfig(arrival=ArrivalConfig(kind="poisson", rate=rho / service),
+                        limits=Limits(num_requests=n), seed=11,
+                        workload=WorkloadConfig(input_len="fixed:16", output_len="fixed:1"))
+    cfg = SimConfig(fixed_profile(), num_colocated=1, slots_per_worker=1, max_queue=n)
+    records = simulate(cfg, from_bench_config(bench))
+    waits = [r.server.queue_ms / 1e3 for r in records]
+    assert all(r.ok for r in records)
+    assert sum(waits) / n == pytest.approx(rho * service / (2 * (1 - rho)), rel=0.1)
