@@ -287,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, InvalidRequestError) as e:
+    except InvalidRequestError as e:  # a bad flag value, like argparse's usage errors
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # e.g. ModelFetchError: its message says what to do
+    # A setting that cannot work (checked before anything starts) or e.g. ModelFetchError:
+    # the message says what to do.
+    except (ConfigError, RuntimeError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 1
 

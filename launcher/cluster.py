@@ -30,6 +30,7 @@ from typing_extensions import Self
 from engine.config import ModelConfig
 from engine.default_model import resolve_model
 from engine.tokenizer import Tokenizer
+from launcher.preflight import check_engine_config
 from launcher.ray_auth import ray_init
 from launcher.redis_local import start_redis_server, stop_redis_server
 from pdserve_api.errors import ConfigError
@@ -192,6 +193,11 @@ class LocalCluster:
         cfg = self.config
         model_path = resolve_model(cfg.model)  # fetch/import once, here, not in every worker
         model_cfg = ModelConfig.from_dir(model_path)
+        pools = {"--prefill-tp": (cfg.num_prefill, cfg.prefill_tp),
+                 "--decode-tp": (cfg.num_decode, cfg.decode_tp),
+                 "--colocated-tp": (cfg.num_colocated, cfg.colocated_tp)}
+        check_engine_config(cfg.engine, model_path, model_cfg,
+                            {flag: tp for flag, (n, tp) in pools.items() if n})
         self.redis_url = cfg.redis_url or self._maybe_start_redis()
         index = make_prefix_index(self.redis_url)
         log.info("prefix index: %s", redact_url(self.redis_url) if self.redis_url

@@ -522,6 +522,25 @@ def test_decode_worker_killed_mid_decode_migrates_and_is_restarted(model_dir, ra
         wait_idle(cluster)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--max-model-len", "9000"], "max_model_len 9000 exceeds the model's limit 512"),
+    (["--prefill-tp", "3"], "num_attention_heads 4 is not divisible by --prefill-tp 3"),
+])
+def test_up_with_a_config_the_model_cannot_take_is_a_one_line_error(model_dir, flags, words):
+    """Checked by the launcher before any worker starts: no Ray actor dies, no traceback."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "up", "--model", str(model_dir), "--no-redis",
+         "--http-port", "-1", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "ActorDiedError" not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1] == f"pdserve: error: {words}", run.stderr[-3000:]
+
+
 def test_sigterm_drains_a_real_pdserve_up(model_dir, tmp_path):
     """`pdserve up` as its own process: SIGTERM mid-request lets the request finish, then the
     process exits cleanly (what a rolling update relies on)."""
