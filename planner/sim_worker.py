@@ -15,7 +15,7 @@ the timing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -85,9 +85,16 @@ class SimWorker:
 
     # -- requests in ---------------------------------------------------------------------------
 
-    def cached_blocks(self, req: Request) -> int:
-        """Leading blocks of req's prompt this worker holds (the prefix index's answer)."""
-        return len(self.block_manager.find_cached_prefix(req))
+    def cached_blocks(self, block_hashes: Sequence[int]) -> int:
+        """Leading blocks of a prompt (its chained block hashes, engine/hashing.py) this
+        worker holds: what the router's prefix index answers, from the same hashes."""
+        cached = self.block_manager.cached
+        n = 0
+        for h in block_hashes:
+            if h not in cached:
+                break
+            n += 1
+        return n
 
     def add(self, req: Request, max_tokens: int) -> None:
         """A prompt to prefill (prefill and colocated roles)."""
@@ -166,7 +173,3 @@ class SimWorker:
         for req in out.finished:
             self.max_tokens.pop(req.request_id, None)
         return out
-
-    def stats(self) -> Mapping[str, int]:
-        return {"free_blocks": self.block_manager.num_free_blocks,
-                "num_running": self.num_running}

@@ -5,7 +5,8 @@ What is real and what is modelled:
 - admission, the router's wait queue and prefill placement: the real `router.slo.SLOScheduler`
   (its `admit`, `acquire`, `release`, `rank_decode`, `update_decode`), on the simulated clock;
   its online timing models learn from the simulated timings as they would from real ones;
-- prefix hits: each worker's real block manager (`find_cached_prefix`: chained block hashes);
+- prefix hits: the prompt's chained block hashes (engine/hashing.py, as the router computes
+  them) looked up in each worker's real block manager, as the prefix index would answer;
 - batching, chunked prefill, preemption, KV pool accounting: the real engine scheduler and block
   manager in each `planner.sim_worker.SimWorker`;
 - time: every engine step costs what the profile predicts for its batch; a KV transfer costs
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.hashing import chain_hashes
 from engine.request import Request, RequestStatus
 from loadgen.record import OK, RequestRecord, ServerFinal
 from pdserve_api.errors import ConfigError
@@ -141,6 +143,9 @@ class Simulator:
         self._runs: dict[str, _Run] = {}
         self._decode_waiting: list[_Run] = []
         self._waking: set[str] = set()  # workers with a step start queued at this instant
+        # A request task was started or a slot released (which may grant a waiter): let the
+        # event loop run the tasks before the next event. Nothing else resolves their futures.
+        self._wake = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -158,7 +163,9 @@ class Simulator:
             t, _, fn, args = heapq.heappop(self._events)
             self.now = t
             fn(*args)
-            await asyncio.sleep(0)  # granted requests continue at this instant
+            if self._wake:  # granted requests continue at this instant
+                self._wake = False
+                await asyncio.sleep(0)
         for task in self._tasks:
             task.cancel()  # waiting for a slot that never freed
         for w in self.workers.values():
@@ -171,6 +178,7 @@ class Simulator:
     # -- router --------------------------------------------------------------------------------
 
     def _arrive(self, run: _Run) -> None:
+        self._wake = True
         task = asyncio.ensure_future(self._route(run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -181,7 +189,10 @@ class Simulator:
             run.req.request_id, len(spec.token_ids), self.config.profile.block_size,
             spec.priority, spec.ttft_slo_ms / 1e3 or None, spec.tpot_slo_ms / 1e3 or None,
             arrival=self.now)
-        hits = {wid: self.workers[wid].cached_blocks(run.req) for wid in self.front}
+        # The router hashes the prompt once and asks the index which worker holds how much.
+        hashes = chain_hashes(spec.token_ids, self.config.profile.block_size)
+        hits = {wid: n for wid in self.front
+                if (n := self.workers[wid].cached_blocks(hashes))} if hashes else {}
         try:
             self.slo.admit(info, hits)
         except Rejected:
@@ -222,6 +233,7 @@ class Simulator:
             run.status, run.end_s = REJECTED, self.now
             assert run.placement is not None
             self.slo.release(run.placement)
+            self._wake = True
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -305,6 +317,7 @@ class Simulator:
     def _served(self, run: _Run) -> None:
         assert run.placement is not None
         self.slo.release(run.placement, served=True)
+        self._wake = True
 
     # -- records -------------------------------------------------------------------------------
 
