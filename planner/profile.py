@@ -14,7 +14,7 @@ ignored) times whole engine steps (schedule, forward, sampling: what serving pay
 
 Each family is fitted by `planner.fit.fit_linear` on the features of router/timing_profile.py
 and written as a `Profile` (source "sweep") with its measured points. `SweepGrid` sizes the
-sweep: the default computes about 7,000 prompt tokens and 70 decode steps (the default model
+sweep: the default computes about 7,000 prompt tokens in about 70 engine steps (the default model
 spends ~0.27 GFLOP a token, so on a 2-core CPU that is minutes, not hours); the profile's
 `notes` record how long it took.
 """
