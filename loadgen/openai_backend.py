@@ -3,7 +3,8 @@ text prompts, `/v1/chat/completions` for chat, streamed as server-sent events.
 
 Against pdserve, each chunk's `pdserve.tokens` gives the exact token count and the last
 chunk's `pdserve.final` the server-side phases. Against another OpenAI-compatible server a
-chunk with text counts as one token and the server phases are absent (reported as 0).
+chunk with text counts as one token and the server phases are absent (None, and left out of
+the report).
 """
 
 from __future__ import annotations
@@ -36,16 +37,16 @@ def to_body(spec: RequestSpec, model: str) -> tuple[str, dict[str, Any]]:
 
 
 def from_final(final: dict[str, Any], usage: dict[str, Any] | None) -> ServerFinal:
-    t = final.get("timing_ms", {})
+    t = final.get("timing_ms") or {}  # absent: not pdserve; every timing stays None
     usage = usage or {}
     return ServerFinal(
         finish_reason=final.get("finish_reason", ""),
         prompt_tokens=final.get("prompt_tokens", usage.get("prompt_tokens", 0)),
         cached_tokens=final.get("cached_tokens", 0),
         completion_tokens=final.get("completion_tokens", usage.get("completion_tokens", 0)),
-        queue_ms=t.get("queued", 0.0), prefill_ms=t.get("prefill", 0.0),
-        transfer_ms=t.get("transfer", 0.0), decode_ms=t.get("decode", 0.0),
-        ttft_ms=t.get("ttft", 0.0), e2e_ms=t.get("e2e", 0.0),
+        queue_ms=t.get("queued"), prefill_ms=t.get("prefill"),
+        transfer_ms=t.get("transfer"), decode_ms=t.get("decode"),
+        ttft_ms=t.get("ttft"), e2e_ms=t.get("e2e"),
         prefill_worker=final.get("prefill_worker", ""),
         decode_worker=final.get("decode_worker", ""),
         kv_transport=final.get("kv_transport", ""), retries=final.get("retries", 0))

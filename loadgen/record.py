@@ -9,7 +9,8 @@ The runner fills a `RequestRecord` from a backend's `StreamEvent`s, timestamping
   the first to the last token and there are `output_tokens - 1` of them.
 - e2e: send -> the end of the stream (the final message).
 - TPOT: (e2e - ttft) / (output_tokens - 1); undefined (None) for one output token.
-Server-side phases (queue, prefill, transfer, decode) come from the final message.
+Server-side phases (queue, prefill, transfer, decode) come from the final message; a server
+that does not report them (any OpenAI server but pdserve) leaves them None, never 0.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ OK = "OK"  # status of a request that ended with a final message
 
 @dataclass(slots=True)
 class ServerFinal:
-    """The final stream message's summary, backend-neutral (milliseconds)."""
+    """The final stream message's summary, backend-neutral (milliseconds; a timing is None
+    when the server did not report it)."""
 
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    queue_ms: float
-    prefill_ms: float
-    transfer_ms: float
-    decode_ms: float
-    ttft_ms: float
-    e2e_ms: float
+    queue_ms: float | None
+    prefill_ms: float | None
+    transfer_ms: float | None
+    decode_ms: float | None
+    ttft_ms: float | None
+    e2e_ms: float | None
     prefill_worker: str = ""
     decode_worker: str = ""
     kv_transport: str = ""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.record import RequestRecord
-from loadgen.stats import PHASES, STATS
+from loadgen.stats import PHASES, SERVER_PHASES, STATS
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
@@ -42,8 +42,11 @@ def format_report(report: dict[str, Any]) -> str:
     head = f"{'phase (ms)':<12}" + "".join(f"{s:>10}" for s in STATS)
     lines += [head, "-" * len(head)]
     for p in PHASES:
-        row = report["phases"][p]
-        lines.append(f"{p:<12}" + "".join(f"{_fmt(row[s]):>10}" for s in STATS))
+        if p in report["phases"]:
+            row = report["phases"][p]
+            lines.append(f"{p:<12}" + "".join(f"{_fmt(row[s]):>10}" for s in STATS))
+    if not _server_phases_reported(report):
+        lines.append(_NOT_REPORTED)
     t = report["throughput"]
     g = report["goodput"]
     a = report["slo_attainment"]
@@ -68,6 +71,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in errors.items())
                                if errors else "none"))
     return "\n".join(lines)
+
+
+_NOT_REPORTED = (f"server-side phases ({', '.join(SERVER_PHASES)}): not reported by this "
+                 "server (only pdserve sends them); the client-side phases are the comparable "
+                 "ones")
+
+
+def _server_phases_reported(report: dict[str, Any]) -> bool:
+    return bool(report.get("server_phases", {}).get("reported", True))
 
 
 def _describe_arrival(a: dict[str, Any]) -> str:
@@ -167,9 +179,16 @@ def format_compare(a: dict[str, Any], b: dict[str, Any], name_a: str = "A",
     def row(label: str, x: float | None, y: float | None, digits: int = 1) -> None:
         lines.append(f"{label:<26}{_fmt(x, digits):>{w}}{_fmt(y, digits):>{w}}{_ratio(x, y):>10}")
 
+    for name, report in ((name_a, a), (name_b, b)):
+        if not _server_phases_reported(report):
+            lines.append(f"{name} does not report server-side phases "
+                         f"({', '.join(SERVER_PHASES)}): shown as -")
     for p in PHASES:
+        pa, pb = a["phases"].get(p), b["phases"].get(p)
+        if pa is None and pb is None:
+            continue
         for s in STATS:
-            row(f"{p} {s} (ms)", a["phases"][p][s], b["phases"][p][s])
+            row(f"{p} {s} (ms)", pa[s] if pa else None, pb[s] if pb else None)
     for key, label in (("requests_per_s", "req/s"), ("input_tokens_per_s", "input tok/s"),
                        ("output_tokens_per_s", "output tok/s")):
         row(f"throughput {label}", a["throughput"][key], b["throughput"][key], 2)

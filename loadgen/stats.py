@@ -6,7 +6,9 @@ Latency phases take the requests that succeeded: client-side `ttft`, `tpot`, `it
 inter-token latency of every request, pooled) and `e2e`; server-side `queue`, `prefill`,
 `transfer`, `decode` from each final message. Each phase gets exactly
 `{mean, p50, p90, p95, p99, max}` in milliseconds (numpy's default linear percentiles; all
-None when there is no sample).
+None when there is no sample). Server-side phases are in `phases` only when the server
+reported them (pdserve does; other OpenAI servers do not): `server_phases.reported` says which,
+so that no comparison sets pdserve's figures against zeros.
 
 The measured window runs from the first measured send to the last measured request's end;
 throughput and goodput are per second of it. A request meets its SLO when it succeeded and met
@@ -25,7 +27,9 @@ import numpy as np
 
 from loadgen.record import RequestRecord
 
-PHASES = ("queue", "prefill", "transfer", "decode", "ttft", "tpot", "itl", "e2e")
+SERVER_PHASES = ("queue", "prefill", "transfer", "decode")
+CLIENT_PHASES = ("ttft", "tpot", "itl", "e2e")
+PHASES = SERVER_PHASES + CLIENT_PHASES
 STATS = ("mean", "p50", "p90", "p95", "p99", "max")
 PERCENTILES = (50, 90, 95, 99)
 REPORT_VERSION = 1
@@ -48,10 +52,10 @@ def phase_samples(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
         if r.warmup or not r.ok:
             continue
         if r.server is not None:
-            out["queue"].append(r.server.queue_ms)
-            out["prefill"].append(r.server.prefill_ms)
-            out["transfer"].append(r.server.transfer_ms)
-            out["decode"].append(r.server.decode_ms)
+            for phase, ms in zip(SERVER_PHASES, (r.server.queue_ms, r.server.prefill_ms,
+                                                 r.server.transfer_ms, r.server.decode_ms)):
+                if ms is not None:
+                    out[phase].append(ms)
         if r.ttft_ms is not None:
             out["ttft"].append(r.ttft_ms)
         if r.tpot_ms is not None:
@@ -80,8 +84,11 @@ def _summary(records: Sequence[RequestRecord], window_s: float) -> dict[str, Any
     samples = phase_samples(records)
     sent = len(measured)
     met = sum(r.met_slo for r in measured)
+    reported = any(samples[p] for p in SERVER_PHASES)
     return {
-        "phases": {p: summarize_values(samples[p]) for p in PHASES},
+        "phases": {p: summarize_values(samples[p]) for p in PHASES
+                   if reported or p not in SERVER_PHASES},
+        "server_phases": {"reported": reported, "phases": list(SERVER_PHASES)},
         "throughput": {
             "requests_per_s": _per_s(len(ok), window_s),
             "input_tokens_per_s": _per_s(sum(r.prompt_tokens for r in ok), window_s),

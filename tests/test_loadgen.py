@@ -437,3 +437,74 @@ def test_cli_builds_the_config():
     assert sweep.rates == [1.0, 2.5, 4.0] and sweep.limits.num_requests == 100
     cmp = parser.parse_args(["bench", "compare", "a.json", "b.json"])
     assert cmp.func.__name__ == "cmd_compare"
+
+
+# ---- against another OpenAI-compatible server ----------------------------------------------
+
+
+async def _other_openai_server() -> tuple[object, int]:
+    """A minimal OpenAI-compatible server on 127.0.0.1 that, like vLLM, sends no pdserve
+    timing: three text chunks, a finish reason, a usage chunk when asked."""
+    from aiohttp import web
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": "other-model"}]})
+
+    async def completions(request):
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = body["max_tokens"]
+        for i in range(n):
+            choice = {"index": 0, "text": "x", "finish_reason": "length" if i == n - 1 else None}
+            chunk = {"id": "c", "object": "text_completion", "choices": [choice]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.002)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 4, "completion_tokens": n, "total_tokens": 4 + n}
+            await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.add_routes([web.get("/v1/models", models), web.post("/v1/completions", completions)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+def test_bench_against_another_openai_server_reports_no_server_phases():
+    """Server-side phases are absent from the report (not 0.0) and the report says so, so a
+    comparison with vLLM does not show pdserve's queue/prefill/transfer/decode against zeros."""
+    from loadgen.openai_backend import OpenAIBackend
+    from loadgen.stats import CLIENT_PHASES, SERVER_PHASES
+
+    cfg = scripted_config(arrival=ArrivalConfig(kind="concurrency", concurrency=2),
+                          limits=Limits(num_requests=4), output_len="fixed:5")
+
+    async def run():
+        runner, port = await _other_openai_server()
+        try:
+            return await run_bench(cfg, backend=OpenAIBackend(f"127.0.0.1:{port}"))
+        finally:
+            await runner.cleanup()
+
+    result = asyncio.run(run())
+    report = summarize(result.records, cfg.to_json())
+    assert report["counts"]["succeeded"] == 4
+    assert set(report["phases"]) == set(CLIENT_PHASES)
+    assert report["phases"]["tpot"]["p50"] > 0
+    assert report["server_phases"] == {"reported": False, "phases": list(SERVER_PHASES)}
+    table = format_report(report)
+    assert "server-side phases (queue, prefill, transfer, decode): not reported" in table
+    assert not any(line.startswith(p) for line in table.splitlines() for p in SERVER_PHASES)
+
+    pdserve = summarize(asyncio.run(run_bench(cfg, backend=ScriptedBackend())).records,
+                        cfg.to_json())
+    assert pdserve["server_phases"]["reported"] and set(pdserve["phases"]) == set(PHASES)
+    compared = format_compare(pdserve, report, "pdserve", "other")
+    prefill = next(line for line in compared.splitlines() if line.startswith("prefill p99"))
+    assert prefill.split()[-2:] == ["-", "-"]  # nothing to set against pdserve's figure
+    assert "other does not report server-side phases" in compared
