@@ -87,6 +87,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            http_port=None if http_port < 0 else http_port,
                            transport=args.transport, engine=engine,
                            worker_num_gpus=args.worker_gpus, ray_address=args.ray_address,
+                           cpus_per_worker=args.cpus_per_worker,
                            ray_auth_token_file=args.ray_auth_token_file,
                            pool_resources=args.pool_resources,
                            drain_grace_s=args.drain_grace_s,
@@ -222,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV transport (auto: UCX where ucxx imports, else TCP)")
     up.add_argument("--kv-cache-mib", type=int, default=None, help="KV pool per worker")
     up.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor")
+    up.add_argument("--cpus-per-worker", type=int, default=0, metavar="N",
+                    help="isolated workers: every worker process (every TP rank) owns N "
+                         "cores of this host alone (pinned, N torch threads, N Ray CPUs); "
+                         "default 0: workers share all cores")
     up.add_argument("--ray-address", default=None,
                     help="join this Ray cluster (e.g. ray://head:10001, or 'auto') instead of "
                          "starting one here")

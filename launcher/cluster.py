@@ -6,10 +6,11 @@ router, all started here and all stopped by `stop()`.
         print(cluster.address)          # host:port of the gRPC API
 
 The router runs on an asyncio loop in a thread of this process (the Ray driver); workers are
-Ray actors with fractional CPUs, so a 2-core box holds a small cluster. A worker with tensor
-parallelism (prefill_tp / decode_tp / colocated_tp > 1) is a group of actors, one per rank, in
-a placement group of its own (one bundle per rank, packed on one node when it fits); the
-router replaces such a group as a whole when any rank dies (`replace_group`).
+Ray actors with fractional CPUs, so a 2-core box holds a small cluster, or, with
+`cpus_per_worker`, actors that each own whole cores of this host (worker_host/placement.py).
+A worker with tensor parallelism (prefill_tp / decode_tp / colocated_tp > 1) is a group of
+actors, one per rank, in a placement group of its own (one bundle per rank, packed on one node
+when it fits); the router replaces such a group as a whole when any rank dies (`replace_group`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from prefix_index.factory import make_prefix_index
 from prefix_index.interface import PrefixIndex
 from prefix_index.url import redact_url
 from router.server import ModelInfo, Router, RouterConfig
+from worker_host.placement import assign_cores
 from worker_host.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ class ClusterConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig overrides
     worker_num_cpus: float = 0.25
     worker_num_gpus: float = 0.0
+    # > 0: isolated workers. Every worker actor (every TP rank) gets this many whole Ray CPUs
+    # and owns as many cores of this host alone (worker_host/placement.py); replaces
+    # worker_num_cpus. 0: fractional CPUs, no pinning.
+    cpus_per_worker: int = 0
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     # Ray token authentication (launcher/ray_auth.py): the token's file; None = Ray's own
     # sources ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) when joining.
@@ -108,10 +115,31 @@ class ClusterConfig:
         for name in ("prefill_tp", "decode_tp", "colocated_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-
+        if self.cpus_per_worker < 0:
+            raise ConfigError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if self.cpus_per_worker and self.pool_resources:
+            raise ConfigError("--cpus-per-worker pins workers to this host's cores; with "
+                              "--pool-resources each worker runs on a pod of its own: size "
+                              "the pods instead")
 
     def tp_size(self, pool: str) -> int:
         return getattr(self, f"{pool}_tp")
+
+    def pools(self) -> dict[str, int]:
+        """Workers per pool, in start order."""
+        if self.num_colocated:
+            return {"colocated": self.num_colocated}
+        return {"prefill": self.num_prefill, "decode": self.num_decode}
+
+    def rank_names(self) -> list[str]:
+        """Every worker process (every TP rank) this config starts, by its actor name."""
+        return [follower_name(wid, r) if r else wid
+                for pool, n in self.pools().items() for wid in (f"{pool}-{i}" for i in range(n))
+                for r in range(self.tp_size(pool))]
+
+    @property
+    def cpus_per_rank(self) -> float:
+        return self.cpus_per_worker or self.worker_num_cpus
 
 
 @dataclass
@@ -160,7 +188,7 @@ class LocalCluster:
         self.address = ""
         self.redis_url: str | None = None
         self.worker_metrics: list[str] = []
-        self._redis_proc = None
+        self._redis_proc: subprocess.Popen | None = None
         self._redis_dir: str | None = None
         self._started_ray = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,6 +198,7 @@ class LocalCluster:
         self._detached: dict[str, list[Any]] = {}  # adopted worker id -> [rank 0, followers]
         self._secret = secrets.token_bytes(32)  # KV connections: this cluster's workers only
         self._model_path: Path | None = None
+        self._cores: dict[str, tuple[int, ...]] = {}  # rank name -> its cores (isolated)
 
     def __enter__(self) -> Self:
         self.start()
@@ -191,6 +220,8 @@ class LocalCluster:
         import ray
 
         cfg = self.config
+        if cfg.cpus_per_worker:  # a machine too small fails here, before anything starts
+            self._cores = assign_cores(cfg.rank_names(), cfg.cpus_per_worker)
         model_path = resolve_model(cfg.model)  # fetch/import once, here, not in every worker
         model_cfg = ModelConfig.from_dir(model_path)
         pools = {"--prefill-tp": (cfg.num_prefill, cfg.prefill_tp),
@@ -203,12 +234,11 @@ class LocalCluster:
         log.info("prefix index: %s", redact_url(self.redis_url) if self.redis_url
                  else "in process")
         if not ray.is_initialized():
-            n = (cfg.num_prefill * cfg.prefill_tp + cfg.num_decode * cfg.decode_tp
-                 + cfg.num_colocated * cfg.colocated_tp)
+            n = len(cfg.rank_names())
             ray_init(address=cfg.ray_address, include_dashboard=False, namespace=cfg.namespace,
                      auth_token_file=cfg.ray_auth_token_file,
                      num_cpus=None if cfg.ray_address else max(os.cpu_count() or 1,
-                                                               n * cfg.worker_num_cpus + 1),
+                                                               n * cfg.cpus_per_rank + 1),
                      logging_level=logging.WARNING, log_to_driver=True,
                      runtime_env={"env_vars": {
                          # huge pages: faster shared-memory KV copies between workers
@@ -257,8 +287,9 @@ class LocalCluster:
         if not self.config.start_redis or shutil.which("redis-server") is None:
             return None
         self._redis_dir = tempfile.mkdtemp(prefix="pdserve-redis-")
-        port, self._redis_proc = start_redis_server(Path(self._redis_dir))
-        log.info("started redis-server (pid %d) on 127.0.0.1:%d", self._redis_proc.pid, port)
+        port, proc = start_redis_server(Path(self._redis_dir))
+        self._redis_proc = proc
+        log.info("started redis-server (pid %d) on 127.0.0.1:%d", proc.pid, port)
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_workers(self, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -286,9 +317,7 @@ class LocalCluster:
         import ray
 
         cfg = self.config
-        pools = ({"colocated": cfg.num_colocated} if cfg.num_colocated else
-                 {"prefill": cfg.num_prefill, "decode": cfg.num_decode})
-        for pool, n in pools.items():
+        for pool, n in cfg.pools().items():
             for i in range(n):
                 wid = f"{pool}-{i}"
                 names = [wid] + [follower_name(wid, r) for r in range(1, cfg.tp_size(pool))]
@@ -307,16 +336,19 @@ class LocalCluster:
     def _spec(self, worker_id: str, tp_rank: int = 0, tp_size: int = 1,
               tp_init_method: str | None = None) -> WorkerSpec:
         cfg, path = self.config, self._model_path
+        assert path is not None, "_start_workers sets the model path first"
         return WorkerSpec(
             worker_id, str(path), Path(path).name, cfg.engine, cfg.transport, self.redis_url,
             cfg.heartbeat_s, cfg.ttl_s, cfg.router.kv_timeout_s, cfg.fault_layer_delay_s,
-            cfg.model, self._secret, cfg.worker_metrics_port, tp_size, tp_rank, tp_init_method)
+            cfg.model, self._secret, cfg.worker_metrics_port, tp_size, tp_rank, tp_init_method,
+            cores=self._cores.get(follower_name(worker_id, tp_rank) if tp_rank else worker_id,
+                                  ()))
 
     def _actor_options(self, pool: str, share: float = 1.0, name: str | None = None
                        ) -> dict[str, Any]:
         cfg = self.config
-        options = {"num_cpus": cfg.worker_num_cpus, "num_gpus": cfg.worker_num_gpus,
-                   "max_concurrency": 1000}
+        options: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank,
+                                   "num_gpus": cfg.worker_num_gpus, "max_concurrency": 1000}
         if cfg.detached_workers and name is not None:
             options.update(name=name, namespace=cfg.namespace, lifetime="detached")
         if cfg.pool_resources:  # a pod advertising pdserve_<pool>: 1 hosts one whole worker
@@ -464,4 +496,5 @@ class LocalCluster:
 
     def call(self, coro) -> Any:
         """Run a coroutine on the router's loop (tests: inspect router state)."""
+        assert self._loop is not None, "the cluster is not running"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)

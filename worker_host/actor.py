@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
 from worker_host.engine_loop import EngineLoop
+from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class WorkerBase:
     def __init__(self, spec: WorkerSpec):
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if spec.cores:  # first: the model loads on the threads it will run on
+            pin_process(spec.cores)
         self.spec = spec
         self.worker_id = spec.worker_id
         config = spec.engine_config(self.mode)

@@ -40,6 +40,8 @@ class WorkerSpec:
     tp_rank: int = 0
     tp_init_method: str | None = None
     tp_followers: list[Any] = field(default_factory=list)  # rank 0: actors of ranks 1..
+    # CPU cores this process owns alone (worker_host/placement.py); () = not pinned.
+    cores: tuple[int, ...] = ()
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path

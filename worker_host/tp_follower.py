@@ -32,6 +32,7 @@ from engine.tp_engine import TPError, TPFollower
 from kv_transfer import KVControl, KVPool, PendingTransfer, make_receiver, make_sender
 from kv_transfer.shipment import KVShipment, routes_for_rank
 from worker_host.engine_loop import TP_FAILED_EXIT_CODE
+from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class TPFollowerWorker:
     def __init__(self, spec: WorkerSpec, mode: str):
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if spec.cores:
+            pin_process(spec.cores)
         self.spec = spec
         self.mode = EngineMode(mode)
         self.worker_id = f"{spec.worker_id}/tp{spec.tp_rank}"
