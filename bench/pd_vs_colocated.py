@@ -7,21 +7,27 @@ sweep over `--rates` (loadgen), the same prompts and the same SLO (`--ttft-ms`, 
 goodput is requests/s that met both. Prints both sweeps and, per rate, the goodput ratio
 (disaggregated / colocated); writes every loadgen report plus a summary JSON.
 
+Every measured run sends prompts not sent before: rate i of the sweep uses seed `--seed` + i
+(same prompts for both setups at that rate), so no rate is served from the prefix cache the
+rate before it filled.
+
     python -m bench.pd_vs_colocated [--model PATH] [--workers 2] [--rates 0.5,1,2]
         [--requests 40] [--ttft-ms 2000] [--tpot-ms 200] [--input-len uniform:128:512]
-        [--output-len uniform:16:64] [--device cuda --worker-gpus 1]
+        [--output-len uniform:16:64] [--cpus-per-worker 1] [--device cuda --worker-gpus 1]
 
 On a GPU box give each worker a GPU (`--device cuda --worker-gpus 1`): that is the setting
 disaggregation is for (prefill bursts no longer stall the decode batch, so TPOT holds while
-TTFT stays low). On a 2-core CPU box every worker shares the same two cores: there is no
-interference to remove, only a KV transfer and a second engine to pay for, so expect the
-colocated baseline to win there; the script is still the honest measurement.
+TTFT stays low). On a CPU box, `--cpus-per-worker N` makes each worker own N cores (isolated
+workers, worker_host/placement.py), the CPU stand-in for a device per worker; without it every
+worker shares every core, so a prefill slows the decode worker as much as a colocated one and
+the comparison shows only the cost of the KV transfer and the second engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import logging
 import os
@@ -32,7 +38,7 @@ from typing import Any
 from loadgen.arrivals import Limits
 from loadgen.bench import report_of, save_run
 from loadgen.report import format_sweep, machine, sweep_summary, write_json
-from loadgen.runner import BenchConfig, run_sweep
+from loadgen.runner import BenchConfig, run_bench
 from loadgen.workloads import TrafficClass, WorkloadConfig
 
 
@@ -49,7 +55,7 @@ def run_mode(args: argparse.Namespace, disaggregated: bool) -> dict[str, Any]:
         name = f"colocated x{args.workers}"
     cfg = ClusterConfig(model=args.model, start_redis=False, engine=engine,
                         worker_num_cpus=args.worker_cpus, worker_num_gpus=args.worker_gpus,
-                        **pools)
+                        cpus_per_worker=args.cpus_per_worker, **pools)
     print(f"pd_vs_colocated: starting {name} ...", file=sys.stderr)
     runs: list[tuple[float, dict[str, Any], str]] = []
     out = Path(args.out) / ("disaggregated" if disaggregated else "colocated")
@@ -64,12 +70,15 @@ def run_mode(args: argparse.Namespace, disaggregated: bool) -> dict[str, Any]:
                 classes=[TrafficClass(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)]),
             request_timeout_s=args.request_timeout_s)
 
-        def on_result(rate, result) -> None:
+        for i, rate in enumerate(args.rates):
+            # A seed of its own per rate: prompts the cluster has not cached yet.
+            run = dataclasses.replace(config, seed=args.seed + i).for_rate(rate)
+            if not args.no_progress:
+                print(f"loadgen: rate {rate:g} req/s (seed {run.seed})", file=sys.stderr)
+            result = asyncio.run(run_bench(run, progress=not args.no_progress))
             report = report_of(result)
             save_run(result, report, out / f"rate_{rate:g}", plots=not args.no_plots)
             runs.append((rate, report, f"rate_{rate:g}/report.json"))
-
-        asyncio.run(run_sweep(config, progress=not args.no_progress, on_result=on_result))
     summary = sweep_summary(config.to_json(), runs)
     summary["name"] = name
     print(f"\n{name}\n{format_sweep(summary)}")
@@ -94,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--request-timeout-s", type=float, default=300.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--worker-cpus", type=float, default=0.25)
+    ap.add_argument("--worker-cpus", type=float, default=0.25,
+                    help="Ray CPUs per worker when they share cores (no --cpus-per-worker)")
+    ap.add_argument("--cpus-per-worker", type=int, default=0, metavar="N",
+                    help="isolated workers: each owns N cores (pinned), as `pdserve up`")
     ap.add_argument("--worker-gpus", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/pd_vs_colocated")
@@ -110,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():  # once for both clusters
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 1), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1,
+                              args.workers * max(1, args.cpus_per_worker) + 1),
+                 include_dashboard=False,
                  logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"UCX_WARN_UNUSED_ENV_VARS": "n"}})
     try:
