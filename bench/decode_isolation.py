@@ -15,12 +15,20 @@ against the engine baseline of the same round):
   `--context`-token prompts (max_tokens 1: their KV is still shipped to the decode worker,
   which reserves and frees it, but they never join its batch).
 
-For the cluster phases it also reports where the decode worker's process spent CPU, per
-thread (the engine thread by id, the rest by kernel thread name), so that a cost outside the
-forward pass shows up by name.
+- `cluster+prefill/nice` (optional): `cluster+prefill` with the decode worker's engine
+  thread at `--engine-nice` (a diagnosis, not a setting pdserve uses): if the step comes back
+  to the baseline, what slowed it was CPU time other threads took on its core.
+
+The engine phases also report the CPU time of each step (`time.thread_time`), which load on
+the machine does not inflate the way it inflates wall time. For the cluster phases it reports
+CPU per decode step of every thread of the decode worker (the engine thread by id, the rest
+by Python or kernel thread name), of the router's process (this one, with the clients), of
+the prefill worker and of this Ray session's own processes, and the share of its core the
+engine thread got: so a cost outside the forward pass shows up by name.
 
     python -m bench.decode_isolation [--batch 3] [--context 480] [--tokens 40] [--repeat 3]
-        [--transport auto] [--out bench/out/decode_isolation.json]
+        [--phases engine,engine+neighbour,cluster,cluster+prefill,cluster+prefill/nice]
+        [--engine-nice -10] [--transport auto] [--out bench/out/decode_isolation.json]
 """
 
 from __future__ import annotations
@@ -72,23 +80,26 @@ class EngineProbe:
         self.engine.warmup()
         self._stop = threading.Event()
 
-    def decode_steps(self, prompts: list[list[int]], steps: int) -> list[float]:
-        """Prefill the prompts, then time `steps` decode steps of the whole batch."""
+    def decode_steps(self, prompts: list[list[int]], steps: int
+                     ) -> tuple[list[float], list[float]]:
+        """Prefill the prompts, then time `steps` decode steps of the whole batch: (wall
+        seconds, CPU seconds of this thread) per step."""
         from pdserve_api.sampling import SamplingParams
 
         sampling = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
         ids = [self.engine.add_request(p, sampling) for p in prompts]
         while any(self.engine.requests[i].num_output_tokens == 0 for i in ids):
             self.engine.step()
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             self.engine.step()
             times.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c)
         for i in ids:
             self.engine.abort(i)
         self.engine.block_manager.reset_prefix_cache()
-        return times
+        return times, cpu
 
     def prefill_forever(self, prompt_len: int, seed: int) -> int:
         """Prefill fresh prompts until `stop`; returns how many."""
@@ -109,7 +120,7 @@ class EngineProbe:
 
 
 def engine_phase(args, engine: dict[str, Any], cores: list[int], neighbour: bool,
-                 prompts: Prompts) -> list[float]:
+                 prompts: Prompts) -> tuple[list[float], list[float]]:
     probe_cls = ray.remote(EngineProbe).options(num_cpus=1, max_concurrency=2)
     probe = probe_cls.remote(cores[1], engine)
     other = probe_cls.remote(cores[0], engine) if neighbour else None
@@ -131,9 +142,21 @@ def engine_phase(args, engine: dict[str, Any], cores: list[int], neighbour: bool
 
 # ---- the cluster -----------------------------------------------------------------------------
 
-def engine_thread(_engine: object) -> tuple[int, int]:
-    """Run on a worker's engine thread: (pid, the thread's kernel id)."""
-    return os.getpid(), threading.get_native_id()
+def engine_thread(_engine: object) -> tuple[int, int, dict[int, str]]:
+    """Run on a worker's engine thread: (pid, the thread's kernel id, kernel id -> name of
+    every Python thread)."""
+    return (os.getpid(), threading.get_native_id(),
+            {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None})
+
+
+def renice_engine_thread(nice: int):
+    """A function for a worker's `call`: give its engine thread this nice value (a diagnosis:
+    negative values need CAP_SYS_NICE). Returns the value now in effect."""
+    def apply(_engine: object) -> int:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    return apply
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -151,15 +174,39 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_by_thread(before: dict, after: dict, engine_tid: int, seconds: float
-                  ) -> dict[str, float]:
-    """Share of one core each thread (grouped by name) used in the window."""
+def cpu_by_thread(before: dict, after: dict, engine_tid: int, per: float,
+                  names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds / `per` each thread (grouped by name: Python's, else the kernel's) used
+    in the window."""
     use: dict[str, float] = defaultdict(float)
     for tid, (name, cpu) in after.items():
-        label = "engine thread" if tid == engine_tid else name
-        use[label] += (cpu - before.get(tid, (name, 0.0))[1]) / seconds
-    return dict(sorted(((k, round(v, 3)) for k, v in use.items() if v >= 0.005),
+        label = "engine thread" if tid == engine_tid else names.get(tid, name)
+        use[label] += (cpu - before.get(tid, (name, 0.0))[1]) / per
+    return dict(sorted(((k, round(v, 4)) for k, v in use.items() if v * per >= 0.005),
                        key=lambda kv: -kv[1]))
+
+
+def session_pids() -> list[int]:
+    """This Ray session's own processes (GCS, raylet, agents), found by session name."""
+    session = ray._private.worker._global_node.session_name
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if session.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def process_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each group of processes."""
+    out = {}
+    for group, members in pids.items():
+        out[group] = sum(cpu for pid in members
+                         for _, cpu in thread_cpu(pid).values() if os.path.exists(f"/proc/{pid}"))
+    return out
 
 
 def step_histogram(metrics_address: str) -> tuple[float, float]:
@@ -220,7 +267,10 @@ def cluster_phase(args, cluster, prompts: Prompts, with_prefill: bool) -> dict[s
     from pdserve_api.sampling import SamplingParams
 
     decode = cluster.decode["decode-0"]
-    pid, engine_tid = ray.get(decode.call.remote(engine_thread))
+    pid, engine_tid, names = ray.get(decode.call.remote(engine_thread))
+    prefill_pid, _, _ = ray.get(cluster.prefill["prefill-0"].call.remote(engine_thread))
+    groups = {"router+clients (this process)": [os.getpid()], "prefill worker": [prefill_pid],
+              "ray system": [p for p in session_pids() if p not in (pid, prefill_pid)]}
     decode_metrics = cluster.worker_metrics[-1]  # prefill first, then decode (launcher order)
     stop = threading.Event()
     background = 0
@@ -244,16 +294,18 @@ def cluster_phase(args, cluster, prompts: Prompts, with_prefill: bool) -> dict[s
         while stats()["num_running"] < args.batch:
             if time.monotonic() > deadline:
                 raise RuntimeError("the batch never formed on the decode worker")
-            time.sleep(0.01)
+            time.sleep(0.1)
         loader = threading.Thread(target=keep_prefill_busy, daemon=True)
         if with_prefill:
             loader.start()
             time.sleep(2.0)  # the prefill worker busy before the window opens
         first = stats()["steps"]
         h0, cpu0, t0 = step_histogram(decode_metrics), thread_cpu(pid), time.perf_counter()
+        other0 = process_cpu(groups)
         while stats()["steps"] < first + args.tokens:
-            time.sleep(0.01)
+            time.sleep(0.1)
         h1, cpu1, t1 = step_histogram(decode_metrics), thread_cpu(pid), time.perf_counter()
+        other1 = process_cpu(groups)
         stop.set()
         for s in streams:
             s.cancel()
@@ -261,10 +313,15 @@ def cluster_phase(args, cluster, prompts: Prompts, with_prefill: bool) -> dict[s
             loader.join()
     steps = h1[1] - h0[1]
     gaps = [g for s in streams for g in s.gaps(t0, t1)]
+    per_step = steps / 1e3  # CPU seconds / per_step = CPU ms per decode step
     return {"mean_step_ms": 1e3 * (h1[0] - h0[0]) / steps if steps else None,
             "steps": steps, "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else None,
             "background_prefills": background,
-            "decode_cpu_by_thread": cpu_by_thread(cpu0, cpu1, engine_tid, t1 - t0)}
+            "decode_core_share": cpu_by_thread(cpu0, cpu1, engine_tid, t1 - t0, names),
+            "cpu_ms_per_step": {
+                **{f"decode: {k}": v for k, v in
+                   cpu_by_thread(cpu0, cpu1, engine_tid, per_step, names).items()},
+                **{k: round((other1[k] - other0[k]) / per_step, 1) for k in groups}}}
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -278,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--phases", default="engine,engine+neighbour,cluster,cluster+prefill")
+    ap.add_argument("--engine-nice", type=int, default=-10,
+                    help="diagnosis, phases ending /nice (e.g. cluster+prefill/nice): the "
+                         "decode worker's engine thread at this nice value (negative needs "
+                         "CAP_SYS_NICE), to see whether CPU taken by other threads and "
+                         "processes on its core is what slows it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/decode_isolation.json")
     args = ap.parse_args(argv)
@@ -307,12 +369,18 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {}
             for phase in phases:
                 if phase.startswith("engine"):
-                    times = engine_phase(args, engine, cores, phase == "engine+neighbour",
-                                         prompts)
-                    row[phase] = {"median_step_ms": 1e3 * statistics.median(times)}
+                    times, cpu = engine_phase(args, engine, cores,
+                                              phase == "engine+neighbour", prompts)
+                    row[phase] = {"median_step_ms": 1e3 * statistics.median(times),
+                                  "median_step_cpu_ms": 1e3 * statistics.median(cpu)}
                 else:
+                    # "<phase>/nice": the same with the engine thread at --engine-nice
+                    decode = cluster.decode["decode-0"]
+                    if phase.endswith("/nice"):
+                        ray.get(decode.call.remote(renice_engine_thread(args.engine_nice)))
                     row[phase] = cluster_phase(args, cluster, prompts,
-                                               phase == "cluster+prefill")
+                                               phase.startswith("cluster+prefill"))
+                    ray.get(decode.call.remote(renice_engine_thread(0)))
                 print(f"round {r} {phase}: {json.dumps(row[phase])}", file=sys.stderr)
             rounds.append(row)
         if cluster is not None:
@@ -329,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "machine": machine(),
         "load_avg_at_end": os.getloadavg(),
         "command": "python -m bench.decode_isolation " + " ".join(argv or sys.argv[1:]),
-        "batch": args.batch, "context": args.context, "rounds": rounds, "medians": {}}
+        "batch": args.batch, "context": args.context, "engine_nice": args.engine_nice,
+        "rounds": rounds, "medians": {}}
     print(f"\ndecode step, batch {args.batch} x {args.context} tokens; medians of "
           f"{args.repeat} rounds (ratio: / engine baseline, per round, then median)")
     for phase in phases:
@@ -345,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
               (f"  ({ratio:.2f}x engine)" if ratio else "") + extra)
     for phase in phases:
         if phase.startswith("cluster"):
-            print(f"{phase} decode process CPU by thread (last round, cores): "
-                  f"{rounds[-1][phase]['decode_cpu_by_thread']}")
+            print(f"{phase}: CPU ms per decode step (last round): "
+                  f"{rounds[-1][phase]['cpu_ms_per_step']}")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2))
