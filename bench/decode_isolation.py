@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.default_model import resolve_model
     from launcher.cluster import ClusterConfig, LocalCluster
+    from router.server import RouterConfig
     from worker_host.placement import assign_cores
 
     model = str(resolve_model(args.model))
@@ -363,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(p.startswith("cluster") for p in phases):
             cluster = LocalCluster(ClusterConfig(
                 model=model, start_redis=False, cpus_per_worker=1, transport=args.transport,
-                engine={"max_num_seqs": 16}, http_port=None))
+                engine={"max_num_seqs": 16}, http_port=None,
+                # a loaded box may queue a prefill longer than the default reservation life
+                router=RouterConfig(kv_timeout_s=600.0)))
             cluster.start()
         for r in range(args.repeat):
             row: dict[str, Any] = {}
