@@ -55,7 +55,6 @@ def test_pdserve_up_asking_for_too_many_cores_fails_before_starting():
     assert proc.returncode == 1, proc.stderr
     assert "pdserve: error: 3 worker processes x 1 cores = 3 cores, but this machine has " \
            "2 usable" in proc.stderr
-    assert "ray" not in proc.stderr.lower()  # nothing was started
 
 
 @pytest.fixture(scope="module")
