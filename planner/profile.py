@@ -12,11 +12,14 @@ ignored) times whole engine steps (schedule, forward, sampling: what serving pay
   sender to its real receiver (a second pool in this process), connection already open;
 - the KV pool size in blocks for the configured memory.
 
-Each family is fitted by `planner.fit.fit_linear` on the features of router/timing_profile.py
-and written as a `Profile` (source "sweep") with its measured points. `SweepGrid` sizes the
-sweep: the default computes about 7,000 prompt tokens in about 70 engine steps (the default model
-spends ~0.27 GFLOP a token, so on a 2-core CPU that is minutes, not hours); the profile's
-`notes` record how long it took.
+Each prefill, mixed and transfer point is the fastest of `repeats` measurements: on a shared
+machine other load only adds time, so the minimum is the estimate of what the hardware does
+(decode points are single steps at growing contexts). Each family is fitted by
+`planner.fit.fit_linear` on the features of router/timing_profile.py and written as a
+`Profile` (source "sweep") with its measured points. `SweepGrid` sizes the sweep: the default
+computes about 7,000 prompt tokens in about 80 engine steps (the default model spends ~0.27
+GFLOP a token, so on a 2-core CPU that is minutes, not hours); the profile's `notes` record
+how long it took.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class SweepGrid:
     contexts: tuple[int, ...] = (128, 384)  # per decoding sequence
     mixed_chunks: tuple[int, ...] = (32, 128)
     decode_steps: int = 3  # timed decode steps per (batch, context)
-    repeats: int = 2  # measurements per prefill / mixed / transfer point
+    repeats: int = 2  # measurements per prefill / mixed / transfer point (the fastest kept)
     transfer_blocks: tuple[int, ...] = (1, 8, 32, 128)
     transports: tuple[str, ...] | None = None  # None: every available one
 
@@ -113,6 +116,7 @@ class _Sweep:
         for cached in self.grid.cached_tokens:
             cached -= cached % self.bs
             for u in self.grid.prefill_tokens:
+                ys = []
                 for _ in range(self.grid.repeats):
                     self.engine.block_manager.reset_prefix_cache()
                     prefix = self.tokens(cached)
@@ -121,12 +125,12 @@ class _Sweep:
                                              SamplingParams(max_tokens=1, temperature=0.0))
                     rid = self.add(prefix + self.tokens(u), 1)
                     req = self.engine.requests[rid]
-                    y = self.timed_step()
+                    ys.append(self.timed_step())
                     if req.num_cached_tokens != cached or req.num_computed_tokens != cached + u:
                         raise RuntimeError(f"prefill point ({u}, {cached}) was not one step "
                                            f"with that hit: {req}")
-                    points.append({"uncached_tokens": u, "cached_tokens": cached,
-                                   "uncached_x_context": u * (cached + u), "y": y})
+                points.append({"uncached_tokens": u, "cached_tokens": cached,
+                               "uncached_x_context": u * (cached + u), "y": min(ys)})
         return points
 
     def decode_and_mixed(self) -> tuple[list[Point], list[Point]]:
@@ -147,15 +151,17 @@ class _Sweep:
                     decode.append({"batch_size": batch, "context_tokens": context,
                                    "y": self.timed_step()})
                 for u in g.mixed_chunks:
+                    tries = []  # (seconds, context tokens): decodes grow a token a step
                     for _ in range(g.repeats):
                         context = sum(r.num_tokens for r in running)
                         rid = self.add(self.tokens(u), 1)
-                        y = self.timed_step()
+                        tries.append((self.timed_step(), context))
                         if rid in self.engine.requests:
                             raise RuntimeError(f"mixed point ({batch}, {ctx}, {u}): the chunk "
                                                "did not ride with the decodes in one step")
-                        mixed.append({"uncached_tokens": u, "uncached_x_context": u * u,
-                                      "batch_size": batch, "context_tokens": context, "y": y})
+                    y, context = min(tries)
+                    mixed.append({"uncached_tokens": u, "uncached_x_context": u * u,
+                                  "batch_size": batch, "context_tokens": context, "y": y})
                 for i in ids:
                     self.engine.abort(i)
                 self.engine.step()  # drains the abort outputs
@@ -177,7 +183,7 @@ class _Sweep:
             try:
                 points = []
                 for n in sorted({min(b, most) for b in self.grid.transfer_blocks}):
-                    ids = list(range(n))
+                    ids, ys = list(range(n)), []
                     for r in range(self.grid.repeats + 1):  # the first opens the connection
                         rid = f"profile-{kind}-{n}-{r}"
                         pending = rx.expect(rid, ids, timeout_s=60)
@@ -188,7 +194,8 @@ class _Sweep:
                         if result is None or not result.ok:
                             raise RuntimeError(f"{kind} transfer of {n} blocks failed: {result}")
                         if r:
-                            points.append({"bytes": n * block_bytes, "y": y})
+                            ys.append(y)
+                    points.append({"bytes": n * block_bytes, "y": min(ys)})
                 out[kind] = points
             finally:
                 tx.close()

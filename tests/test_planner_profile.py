@@ -97,7 +97,7 @@ def test_a_short_real_sweep_writes_a_profile_whose_models_hold_their_reported_er
     rc = main(["profile", "--model", str(tiny_llama), "--block-size", "8", "--kv-cache-mib", "1",
                "--out", str(out), "--prefill-tokens", "8,24,40,64", "--cached-tokens", "0,32",
                "--batch-sizes", "1,2,3", "--contexts", "16,40", "--mixed-chunks", "8,24,40",
-               "--transfer-blocks", "1,4,16", "--repeats", "1"])
+               "--transfer-blocks", "1,4,16", "--repeats", "2"])
     assert rc == 0
     profile = Profile.from_json(out.read_text())
     assert profile.source == "sweep" and profile.block_size == 8
@@ -110,7 +110,10 @@ def test_a_short_real_sweep_writes_a_profile_whose_models_hold_their_reported_er
     assert set(models) == set(profile.points)
     assert profile.prefill.features == PREFILL_FEATURES
     assert profile.mixed.features == MIXED_FEATURES
+    # One point per prefill / mixed / transfer setting (the fastest of 2), decode per step.
     assert len(profile.points["prefill"]) == 8 and len(profile.points["decode"]) == 3 * 2 * 3
+    assert len(profile.points["mixed"]) == 3 * 2 * 3
+    assert all(len(profile.points[f"transfer:{k}"]) == 3 for k in profile.transfer)
     assert {p["cached_tokens"] for p in profile.points["prefill"]} == {0, 32}
     for name, model in models.items():
         points = profile.points[name]
