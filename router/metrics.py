@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pdserve_api import pdserve_pb2
 from worker_host.metrics import E2E, FAST, PHASE, TOKEN
 
 
@@ -74,8 +75,9 @@ class RouterMetrics:
         for reason in ("stop", "length", "abort"):
             self.success.labels(reason)
 
-    def observe_final(self, final, transport: str, ttft_slo_s: float | None = None,
-                      tpot_slo_s: float | None = None) -> None:
+    def observe_final(self, final: pdserve_pb2.FinalInfo, transport: str,
+                      ttft_slo_s: float | None = None, tpot_slo_s: float | None = None
+                      ) -> None:
         """Record one finished request from its final message (FinalInfo) and its SLO."""
         t = final.timing
         self.ttft.observe(t.ttft_ms / 1e3)

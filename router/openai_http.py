@@ -31,14 +31,20 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from pdserve_api import pdserve_pb2
 from pdserve_api.messages import InvalidArgument, build_generate_request
+
+if TYPE_CHECKING:  # the router imports this module
+    from router.server import Router, RouterError
+
+Responses = AsyncGenerator[pdserve_pb2.GenerateResponse, None]
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +77,21 @@ def error_response(status: int, kind: str, message: str, param: str | None = Non
     return web.json_response(body, status=status, headers=headers)
 
 
-def _router_error(e) -> web.Response:
+def _router_error(e: RouterError) -> web.Response:
     status, kind = HTTP_STATUS.get(e.code, (500, "internal_error"))
     headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
     return error_response(status, kind, e.message, headers=headers)
 
 
 class OpenAIServer:
-    def __init__(self, router):
+    def __init__(self, router: Router):
         self.router = router
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._ids = 0
 
-    async def start(self, host: str, port: int, tls: tuple | None = None) -> int:
+    async def start(self, host: str, port: int,
+                    tls: tuple[str, str, str | None] | None = None) -> int:
         """`tls`: (cert PEM path, key PEM path, client CA PEM path or None)."""
         app = web.Application(client_max_size=self.router.config.max_message_bytes)
         app.add_routes([
@@ -111,7 +118,7 @@ class OpenAIServer:
                 ssl_context.verify_mode = ssl.CERT_REQUIRED
         site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = int(self.runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:
@@ -189,7 +196,8 @@ class OpenAIServer:
                 return await self._stream(request, responses, oid, chat, include_usage)
             return await self._collect(responses, oid, chat)
 
-    def _to_request(self, body: Any, chat: bool):
+    def _to_request(self, body: Any, chat: bool
+                    ) -> tuple[pdserve_pb2.GenerateRequest, bool, bool]:
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         for key, default in UNSUPPORTED.items():
@@ -234,10 +242,11 @@ class OpenAIServer:
             raise BadRequest(str(e)) from None
         return msg, stream, bool(options.get("include_usage", False))
 
-    async def _collect(self, responses: AsyncIterator, oid: str, chat: bool) -> web.Response:
+    async def _collect(self, responses: Responses, oid: str, chat: bool) -> web.Response:
         from router.server import RouterError
 
-        text, final = [], None
+        text: list[str] = []
+        final: pdserve_pb2.FinalInfo | None = None
         try:
             async for r in responses:
                 text.append(r.text)
@@ -245,6 +254,8 @@ class OpenAIServer:
                     final = r.final
         except RouterError as e:
             return _router_error(e)
+        if final is None:  # the router ends every stream with one; a bug otherwise
+            raise RuntimeError(f"{oid}: the request's stream ended without a final message")
         content = "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": final.finish_reason,
                                   "logprobs": None}
@@ -258,7 +269,7 @@ class OpenAIServer:
             "choices": [choice], "usage": _usage(final),
             "pdserve": {"final": _pdserve_final(final)}})
 
-    async def _stream(self, request: web.Request, responses: AsyncIterator, oid: str,
+    async def _stream(self, request: web.Request, responses: Responses, oid: str,
                       chat: bool, include_usage: bool) -> web.StreamResponse:
         from router.server import RouterError
 
@@ -266,7 +277,7 @@ class OpenAIServer:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False,
-                  extra: dict | None = None) -> dict:
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 if text:
@@ -352,7 +363,7 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest("the body is not valid JSON: nested too deeply") from None
 
 
-def _str(body: dict, key: str) -> str:
+def _str(body: dict[str, Any], key: str) -> str:
     value = body.get(key) or ""
     if not isinstance(value, str):
         raise BadRequest(f"{key} must be a string", key)
@@ -382,13 +393,13 @@ def _messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _usage(final) -> dict[str, Any]:
+def _usage(final: pdserve_pb2.FinalInfo) -> dict[str, Any]:
     return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
             "total_tokens": final.prompt_tokens + final.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
 
 
-def _pdserve_final(final) -> dict[str, Any]:
+def _pdserve_final(final: pdserve_pb2.FinalInfo) -> dict[str, Any]:
     """pdserve's extension to the OpenAI body (clients ignore unknown keys): the request's
     per-phase timing and placement, as the gRPC final message carries them."""
     t = final.timing

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,7 +332,7 @@ class Router:
         return await asyncio.to_thread(self.index.longest_prefix, hashes)
 
     async def generate(self, request: pdserve_pb2.GenerateRequest
-                       ) -> AsyncIterator[pdserve_pb2.GenerateResponse]:
+                       ) -> AsyncGenerator[pdserve_pb2.GenerateResponse, None]:
         """One request, start to end, for any front end: deltas then a final message, or
         RouterError. Cancelling the consumer (client gone, deadline) aborts the request on
         its workers, which frees its blocks."""
