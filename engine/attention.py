@@ -186,14 +186,3 @@ class TorchAttentionBackend(AttentionBackend):
     def decode(self, q, k_cache, v_cache, meta, scale, out) -> None:
         out.copy_(decode_attention_ref(q, k_cache, v_cache, meta.decode_seq_lens,
                                        meta.decode_block_tables, scale))
-
-
-def get_attention_backend(name: str):
-    """Backend by config name. `triton` imports lazily so CPU-only installs need no triton."""
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        from engine.triton_attention import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")

@@ -125,7 +125,7 @@ class BlockManager:
             self._take(block_id)
         req.block_table.extend(cached)
         if cached:
-            req.block_hashes = [self.blocks[b].block_hash for b in cached]
+            req.block_hashes = [self._hash_of(b) for b in cached]
             req.num_computed_tokens = num_computed
             req.num_cached_tokens = num_computed
         pairs = []
@@ -203,6 +203,12 @@ class BlockManager:
         assert len(self.cached) == sum(b.block_hash is not None for b in self.blocks)
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _hash_of(self, block_id: int) -> int:
+        """The hash of a block a prefix lookup found: such a block has one by construction."""
+        block_hash = self.blocks[block_id].block_hash
+        assert block_hash is not None, f"cached block {block_id} has no hash"
+        return block_hash
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

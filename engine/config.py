@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.parallel import TPGroup
 from pdserve_api.errors import ConfigError
 
 # Architectures this engine implements, as named in config.json's "architectures".
@@ -197,3 +198,28 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The context limit before the KV pool is sized (every TP rank computes the same)."""
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window:
+        # Sliding-window attention is not implemented: within the window it is identical.
+        limit = min(limit, model_config.sliding_window)
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's "
+                          f"limit {limit}")
+    return config.max_model_len
+
+
+def check_tp_config(config: EngineConfig, tp: TPGroup | None) -> None:
+    """EngineConfig's tp_rank/tp_size (read by KV transfer) must describe the group used."""
+    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
+    if (config.tp_rank, config.tp_size) != (rank, size):
+        raise ConfigError(
+            f"EngineConfig says tp_rank={config.tp_rank} tp_size={config.tp_size} but the "
+            f"TPGroup is rank {rank} of {size}"
+            + ("; create it with engine.tp_engine.init_tp_group and pass it as tp"
+               if tp is None else ""))

@@ -16,16 +16,26 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeGuard, cast
 
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, EngineMode, ModelConfig
+from engine.config import (
+    EngineConfig,
+    EngineMode,
+    ModelConfig,
+    check_tp_config,
+    resolve_max_model_len,
+)
+from engine.default_model import resolve_model
 from engine.model_runner import ModelRunner
 from engine.parallel import TPGroup
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tp_engine import TPDriverRunner
 from pdserve_api.errors import ConfigError, InvalidRequestError
 from pdserve_api.sampling import SamplingParams
 
@@ -78,40 +88,17 @@ class KVHandoff:
 class _Stream:
     """Per-request text state: incremental detokenizer plus stop-string hold-back."""
 
-    detok: object | None
+    detok: IncrementalDetokenizer | None
     emitted_chars: int = 0
 
 
-def resolve_max_model_len(model_config: ModelConfig, config: EngineConfig) -> int:
-    """The context limit before the KV pool is sized (every TP rank computes the same)."""
-    limit = model_config.max_position_embeddings
-    if model_config.sliding_window:
-        # Sliding-window attention is not implemented: within the window it is identical.
-        limit = min(limit, model_config.sliding_window)
-    if config.max_model_len is None:
-        return limit
-    if config.max_model_len > limit:
-        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's "
-                          f"limit {limit}")
-    return config.max_model_len
-
-
-def check_tp_config(config: EngineConfig, tp: TPGroup | None) -> None:
-    """EngineConfig's tp_rank/tp_size (read by KV transfer) must describe the group used."""
-    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
-    if (config.tp_rank, config.tp_size) != (rank, size):
-        raise ConfigError(
-            f"EngineConfig says tp_rank={config.tp_rank} tp_size={config.tp_size} but the "
-            f"TPGroup is rank {rank} of {size}"
-            + ("; create it with engine.tp_engine.init_tp_group and pass it as tp"
-               if tp is None else ""))
+def _is_chat(prompt: Sequence[int] | list[dict]) -> TypeGuard[Sequence[dict[str, Any]]]:
+    """Chat messages ([{role, content}]) rather than token ids."""
+    return bool(prompt) and isinstance(prompt[0], dict)
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, tp: TPGroup | None = None):
-        from engine.default_model import resolve_model
-        from engine.tokenizer import Tokenizer
-
         self.config = config or EngineConfig()
         torch.manual_seed(self.config.seed)
         self.model_path: Path = resolve_model(self.config.model)
@@ -153,8 +140,6 @@ class LLMEngine:
         if tp.rank != 0:
             raise ConfigError(f"LLMEngine runs on TP rank 0 only; rank {tp.rank} runs "
                               "engine.tp_engine.TPFollower")
-        from engine.tp_engine import TPDriverRunner
-
         return TPDriverRunner(self.model_config, self.config, self.model_path,
                               self.max_model_len, tp)
 
@@ -191,13 +176,14 @@ class LLMEngine:
         return Request(request_id, token_ids, sampling)
 
     def tokenize(self, prompt: str | Sequence[int] | list[dict]) -> list[int]:
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        if isinstance(prompt, str) or _is_chat(prompt):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer; send token ids")
             if isinstance(prompt, str):
                 return self.tokenizer.encode(prompt)
             return self.tokenizer.encode_chat(list(prompt))
-        return list(prompt)
+        # Token ids; _validate rejects anything else.
+        return list(cast("Sequence[int]", prompt))
 
     def _validate(self, token_ids: list[int], sampling: SamplingParams) -> None:
         if not token_ids:
@@ -217,8 +203,6 @@ class LLMEngine:
         self.requests[req.request_id] = req
         detok = None
         if self.tokenizer is not None:
-            from engine.tokenizer import IncrementalDetokenizer
-
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                            req.sampling.skip_special_tokens)
         self.streams[req.request_id] = _Stream(detok)

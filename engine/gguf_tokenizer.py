@@ -86,7 +86,7 @@ def build_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
         return "".join(spelling[b] for b in token.encode("utf-8"))
 
     bpe_vocab = {spelled(token): i for i, token in enumerate(vocab.tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    merges = [_merge_pair(m) for m in vocab.merges]
     tok = HFTokenizer(
         BPE(
             vocab=bpe_vocab,
@@ -118,18 +118,27 @@ def build_tokenizer(vocab: GGUFVocab) -> HFTokenizer:
     return tok
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    left, space, right = merge.partition(" ")
+    if not space:
+        raise ValueError(f"GGUF merge {merge!r} is not two tokens separated by a space")
+    return left, right
+
+
 def _post_processor(vocab: GGUFVocab) -> processors.TemplateProcessing:
     # Same shape transformers builds from add_bos_token/add_eos_token, so both agree.
-    bos, eos = vocab.token(vocab.bos_token_id), vocab.token(vocab.eos_token_id)
-    add_bos = vocab.add_bos_token and bos is not None
-    add_eos = vocab.add_eos_token and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair_bos = f" {bos}:1" if add_bos else ""
-    pair_eos = f" {eos}:1" if add_eos else ""
+    bos = _added(vocab, vocab.bos_token_id, vocab.add_bos_token)
+    eos = _added(vocab, vocab.eos_token_id, vocab.add_eos_token)
+    single = f"{bos[0] + ':0 ' if bos else ''}$A:0{' ' + eos[0] + ':0' if eos else ''}"
+    pair_bos = f" {bos[0]}:1" if bos else ""
+    pair_eos = f" {eos[0]}:1" if eos else ""
     pair = f"{single}{pair_bos} $B:1{pair_eos}"
-    special: list[tuple[str, int]] = []
-    if add_bos:
-        special.append((bos, vocab.bos_token_id))
-    if add_eos:
-        special.append((eos, vocab.eos_token_id))
+    special = [token for token in (bos, eos) if token is not None]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def _added(vocab: GGUFVocab, token_id: int | None, add: bool) -> tuple[str, int] | None:
+    """(token, id) of a special token the post-processor adds; None when it adds none."""
+    if not add or token_id is None:
+        return None
+    return vocab.tokens[token_id], token_id

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from engine.model import LlamaModel
+from engine.parallel import weight_loader_of
 from pdserve_api.errors import ConfigError
 
 # HF name fragment -> (our fused parameter fragment, shard id)
@@ -93,7 +94,8 @@ def load_weights(model: LlamaModel, path: str | Path, dtype: torch.dtype) -> Non
                 if param is None:
                     raise ConfigError(f"{file.name}: unexpected tensor {hf_name!r}")
                 try:
-                    param.weight_loader(param, _DtypeSlice(f.get_slice(hf_name), dtype), shard)
+                    load = weight_loader_of(param)
+                    load(param, _DtypeSlice(f.get_slice(hf_name), dtype), shard)
                 except ValueError as e:
                     raise ConfigError(f"{file.name}: tensor {hf_name!r}: {e}") from e
                 loaded[pname].add(shard)

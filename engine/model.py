@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from engine.parallel import (
     TPGroup,
     VocabParallelEmbedding,
     replicated_loader,
+    set_weight_loader,
 )
 
 
@@ -50,6 +52,9 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Non-interleaved (rotate-half) RoPE, the layout of Hugging Face checkpoints."""
 
+    cos: torch.Tensor  # buffers, registered below
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32),
@@ -71,7 +76,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.weight.weight_loader = replicated_loader
+        set_weight_loader(self.weight, replicated_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -111,7 +116,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
@@ -165,13 +170,18 @@ class LlamaModel(nn.Module):
 
     @property
     def local_kv_heads(self) -> int:
-        return self.layers[0].self_attn.num_kv_heads
+        return self._first_attention.num_kv_heads
 
     @property
     def kv_head_shard(self) -> tuple[int, int]:
         """(first, count) of the checkpoint's KV heads this rank's cache holds."""
-        qkv = self.layers[0].self_attn.qkv_proj
+        qkv = self._first_attention.qkv_proj
         return qkv.kv_first, qkv.local_kv_heads
+
+    @property
+    def _first_attention(self) -> Attention:
+        # ModuleList items are typed as Module; every item here is a DecoderLayer.
+        return cast(DecoderLayer, self.layers[0]).self_attn
 
     def forward(
         self,

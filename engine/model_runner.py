@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, get_attention_backend
+from engine.attention import AttentionMetadata
+from engine.attention_backends import get_attention_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.loader import load_weights
 from engine.model import LlamaModel
@@ -133,6 +134,7 @@ class ModelRunner:
         self.tp = tp or TPGroup()
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        assert config.attention_backend is not None  # EngineConfig.__post_init__ resolves it
         self.backend = get_attention_backend(config.attention_backend)
         with torch.device(self.device):
             self.model = LlamaModel(model_cfg, self.backend, self.tp, max_positions=max_model_len)
@@ -178,7 +180,12 @@ class ModelRunner:
         prefills = [r for r in sched.requests if n_of[r.request_id] > 1]
         decodes = [r for r in sched.requests if n_of[r.request_id] == 1]
         ordered = prefills + decodes
-        input_ids, positions, slots, sample_rows, sample_index, sampled = [], [], [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_index: list[int] = []
+        sampled: list[Request] = []
         bs = self.block_size
         for i, req in enumerate(ordered):
             start, n = req.num_computed_tokens, n_of[req.request_id]

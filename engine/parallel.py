@@ -2,8 +2,9 @@
 
 With tp_size == 1 each layer is an ordinary linear/embedding; with tp_size > 1 the same code
 holds a slice and communicates over the torch.distributed group. Each parameter carries a
-`weight_loader(param, tensor_slice, shard_id=None)` that copies the rank's part of a full
-checkpoint tensor, reading only that part (`tensor_slice` is a safetensors slice or a tensor).
+`weight_loader(param, tensor_slice, shard_id=None)` (`set_weight_loader`, `weight_loader_of`)
+that copies the rank's part of a full checkpoint tensor, reading only that part
+(`tensor_slice` is a safetensors slice or a tensor).
 
 Splits follow Megatron/vLLM: column-parallel QKV and gate/up (output dim split), row-parallel
 O and down (input dim split, then all-reduce), vocab-parallel embedding and LM head. Attention
@@ -16,7 +17,7 @@ a multiple of TP (SmolLM2-135M: 3 KV heads, TP=2) the runs differ by one head be
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,21 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     param.data.copy_(loaded)
 
 
+# (param, full checkpoint tensor or safetensors slice, shard id or None) -> copies this rank's
+# part into param.
+WeightLoader = Callable[[torch.Tensor, Any, Any], None]
+_LOADER_ATTR = "weight_loader"  # vLLM's name for it
+
+
+def set_weight_loader(param: torch.Tensor, loader: WeightLoader) -> None:
+    """Attach to `param` the loader that engine/loader.py calls for its checkpoint tensors."""
+    setattr(param, _LOADER_ATTR, loader)
+
+
+def weight_loader_of(param: torch.Tensor) -> WeightLoader:
+    return getattr(param, _LOADER_ATTR)
+
+
 def replicated_loader(param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
     full = src if isinstance(src, torch.Tensor) else src[:]
     _copy_checked(param, torch.as_tensor(full), "replicated weight")
@@ -124,11 +140,11 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.out_per_rank = out_features // tp.size
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
 
     def weight_loader(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         start = self.tp.rank * self.out_per_rank
@@ -201,11 +217,11 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.in_start, self.in_per_rank = shard
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = replicated_loader
+            set_weight_loader(self.bias, replicated_loader)
 
     def weight_loader(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         _copy_checked(param, read_slice(src, 1, self.in_start, self.in_per_rank), "row shard")
@@ -227,7 +243,7 @@ class VocabParallelEmbedding(nn.Module):
         self.local_vocab = max(0, min(vocab_size - self.start, self.per_rank))
         # Padded to per_rank rows so every rank's logits shard has the same width.
         self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         part = read_slice(src, 0, self.start, self.local_vocab)

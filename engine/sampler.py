@@ -19,12 +19,14 @@ import torch
 
 from engine.request import Request
 
+# (sampled token logprob, [(token id, logprob)] top-N) for one row.
+Logprobs = tuple[float, list[tuple[int, float]]]
+
 
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    # Per row: (sampled token logprob, [(token id, logprob)] top-N) or None when not asked.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[Logprobs | None]  # per row; None when not asked
 
 
 class Sampler:
@@ -105,10 +107,11 @@ class Sampler:
         return filtered / filtered.sum(dim=-1, keepdim=True)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, requests: list[Request]):
+    def _logprobs(raw: torch.Tensor | None, tokens: torch.Tensor, requests: list[Request]
+                  ) -> list[Logprobs | None]:
+        results: list[Logprobs | None] = []
         if raw is None:
-            return [None] * len(requests)
-        results = []
+            return [None for _ in requests]
         for i, req in enumerate(requests):
             n = req.sampling.logprobs
             if n is None:

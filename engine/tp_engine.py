@@ -34,7 +34,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, check_tp_config, resolve_max_model_len
+from engine.default_model import resolve_model
 from engine.model_runner import (
     CMD_STEP,
     CMD_STOP,
@@ -165,8 +166,6 @@ class TPDriverRunner(ModelRunner):
 
     def __init__(self, model_cfg: ModelConfig, config: EngineConfig, model_path,
                  max_model_len: int, tp: TPGroup):
-        from engine.engine import check_tp_config
-
         try:
             check_tp_config(config, tp)
             super().__init__(model_cfg, config, model_path, max_model_len, tp)
@@ -216,9 +215,6 @@ class TPFollower:
     def __init__(self, config: EngineConfig, tp: TPGroup,
                  kv_layer_hook: Callable[[StepInputs], Callable[[int], None] | None]
                  | None = None):
-        from engine.default_model import resolve_model
-        from engine.engine import check_tp_config, resolve_max_model_len
-
         if tp.rank == 0 or tp.size < 2:
             raise ValueError(f"TPFollower is for ranks 1..size-1; got rank {tp.rank} of "
                              f"{tp.size} (rank 0 runs LLMEngine)")

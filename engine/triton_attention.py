@@ -30,8 +30,8 @@ Design, shared by both attention kernels:
     [0, prefix_len + row] of its sequence, where prefix_len = seq_len - q_len. A prefix-cache
     hit, a later chunk of a chunked prefill and a plain prompt (prefix_len = 0) are one case.
 
-Import this module only through `engine.attention.get_attention_backend("triton")` (or
-directly in tests and benchmarks): it imports triton. Kernels run on CPU under
+Import this module only through `engine.attention_backends.get_attention_backend("triton")`
+(or directly in tests and benchmarks): it imports triton. Kernels run on CPU under
 TRITON_INTERPRET=1, which must be set before triton is first imported in the process. Two
 triton 3.x interpreter quirks are worked around (and cost nothing on a GPU): bf16 dots are
 done in fp32 (`_dot`), and dtype conversion on store is done by torch (`store_kv`).

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +21,18 @@ from pdserve_api.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+
+class ResponseStream(Protocol):
+    """A Generate call in progress (a grpc call object): iterate it for the messages;
+    `cancel()` aborts the request on the router."""
+
+    def __iter__(self) -> Iterator[pdserve_pb2.GenerateResponse]: ...
+
+    def __next__(self) -> pdserve_pb2.GenerateResponse: ...
+
+    def cancel(self) -> bool: ...
+
 
 # Exit codes of run_generate: bad input and "overloaded, retry later" are worth telling apart
 # in scripts from every other failure.
@@ -62,7 +74,7 @@ class GenerateClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def stream(self, request: pdserve_pb2.GenerateRequest,
-               timeout_s: float | None = None) -> Iterator[pdserve_pb2.GenerateResponse]:
+               timeout_s: float | None = None) -> ResponseStream:
         """The raw call: iterate it for the messages, `.cancel()` it to abort the request.
         Iterating raises grpc.RpcError on a failed call."""
         return self._stub.Generate(request, timeout=self._timeout(timeout_s),

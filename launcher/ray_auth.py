@@ -19,7 +19,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from pdserve_api.errors import ConfigError
+
+try:  # Ray's token authentication, a private API (see _reload_ray_auth); Ray >= 2.52
+    # Ray's _raylet.pyi stub does not declare these two classes that _raylet exports.
+    from ray._raylet import (  # type: ignore[attr-defined]
+        AuthenticationTokenLoader,
+        Config,
+    )
+except ImportError:  # a Ray without token authentication
+    AuthenticationTokenLoader = Config = None
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +93,7 @@ def _reload_ray_auth() -> None:
     token when this process first loads them, e.g. on `import ray`, so without this a process
     that imported Ray earlier keeps its old mode and sends no token. Private Ray API: the
     calls Ray's own token set-up makes (ray/_private/authentication); only before ray.init."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # a Ray without token authentication (< 2.52)
+    if AuthenticationTokenLoader is None or Config is None:  # a Ray before 2.52
         return
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -93,8 +102,6 @@ def _reload_ray_auth() -> None:
 def ray_init(*, auth_token_file: str | None = None, **init_kwargs: Any) -> Any:
     """`ray.init(**init_kwargs)` after `configure_ray_auth`; a refusal becomes a
     RayConnectError naming the address, the auth mode used and what to give."""
-    import ray
-
     address = init_kwargs.get("address")
     how = configure_ray_auth(auth_token_file, joining=address is not None)
     _reload_ray_auth()

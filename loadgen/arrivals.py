@@ -152,7 +152,7 @@ def arrival_offsets(config: ArrivalConfig, seed: int) -> Iterator[float]:
 def open_loop_schedule(config: ArrivalConfig, limits: Limits, seed: int) -> list[Arrival]:
     """Every send of an open-loop run, in order, cut by the limits."""
     state = LimitState(limits)
-    out = []
+    out: list[Arrival] = []
     for t in arrival_offsets(config, seed):
         warm = state.claim(t)
         if warm is None:

@@ -3,7 +3,8 @@
 A backend turns a `RequestSpec` into the reply's `StreamEvent`s and raises `BackendError`
 with a status name when the request fails; it does no timing (the runner timestamps events as
 they arrive) and no statistics. `grpc` is the pdserve streaming API; `openai` the
-OpenAI-compatible HTTP API (SSE chunks -> events; loadgen/openai_backend.py).
+OpenAI-compatible HTTP API (SSE chunks -> events; loadgen/openai_backend.py);
+`backend_factory.make_backend` builds one by name.
 """
 
 from __future__ import annotations
@@ -32,19 +33,3 @@ class Backend(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
-
-
-def make_backend(name: str, address: str, *, channels: int = 1,
-                 connect_timeout_s: float = 10.0) -> Backend:
-    if name == "grpc":
-        from loadgen.grpc_backend import GrpcBackend
-
-        return GrpcBackend(address, channels=channels, connect_timeout_s=connect_timeout_s)
-    if name == "openai":
-        import os
-
-        from loadgen.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(address, connect_timeout_s=connect_timeout_s,
-                             api_key=os.environ.get("PDSERVE_API_KEY"))
-    raise ValueError(f"backend {name!r}: must be one of {', '.join(BACKENDS)}")

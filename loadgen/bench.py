@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from loadgen.arrivals import ArrivalConfig, Limits
+from loadgen.plots import plot_cdfs, plot_sweep
 from loadgen.report import format_report, format_sweep, sweep_summary, write_json, write_records
 from loadgen.runner import BenchConfig, RunResult, run_bench, run_sweep
 from loadgen.stats import phase_samples, summarize
@@ -41,8 +42,6 @@ def save_run(result: RunResult, report: dict[str, Any], out: Path, *, plots: boo
     files = [write_json(report, out / "report.json"),
              write_records(result.records, out / "requests.jsonl")]
     if plots:
-        from loadgen.plots import plot_cdfs
-
         title = f"{result.config.label + ': ' if result.config.label else ''}" \
                 f"{result.config.arrival.describe()}"
         files.append(plot_cdfs(phase_samples(result.records), out / "latency_cdf.png", title))
@@ -83,8 +82,6 @@ def bench_sweep(config: BenchConfig, out: Path | None = None, *, progress: bool 
     if out is not None:
         files = [write_json(summary, out / "sweep.json")]
         if plots:
-            from loadgen.plots import plot_sweep
-
             files.append(plot_sweep(summary, out / "sweep.png", config.label))
         print(f"wrote {', '.join(str(f) for f in files)} and rate_*/", file=stream)
     return summary

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.backends import BACKENDS
+from loadgen.bench import bench_once, bench_sweep
 from loadgen.distributions import LengthDist
 from loadgen.record import BackendError
+from loadgen.report import format_compare, load_report
 from loadgen.runner import BenchConfig
 from loadgen.workloads import GROUP_ORDERS, WORKLOAD_KINDS, TrafficClass, WorkloadConfig
 
@@ -190,8 +192,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from loadgen.bench import bench_once, bench_sweep
-
     if not args.address:
         print("pdserve bench: error: --address HOST:PORT is required (the router of a running "
               "cluster, e.g. from `pdserve up`)", file=sys.stderr)
@@ -224,8 +224,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from loadgen.report import format_compare, load_report
-
     try:
         a, b = load_report(args.a), load_report(args.b)
     except ValueError as e:

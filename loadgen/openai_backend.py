@@ -79,6 +79,8 @@ class OpenAIBackend(Backend):
 
     async def stream(self, spec: RequestSpec,
                      timeout_s: float | None) -> AsyncIterator[StreamEvent]:
+        if self.session is None:
+            raise RuntimeError("OpenAIBackend.stream() before start() or after close()")
         path, body = to_body(spec, self.model)
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
@@ -106,8 +108,9 @@ class OpenAIBackend(Backend):
                     final = ext.get("final", final)
                     for choice in chunk.get("choices", []):
                         finish = choice.get("finish_reason") or finish
-                        text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                        n = ext.get("tokens", 1 if text else 0)
+                        content = (choice.get("text")
+                                   or (choice.get("delta") or {}).get("content"))
+                        n = ext.get("tokens", 1 if content else 0)
                         if n:
                             yield StreamEvent(n)
                     if chunk.get("usage") is not None:  # the last chunk (include_usage)

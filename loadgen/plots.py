@@ -1,5 +1,9 @@
-"""PNG plots (matplotlib, Agg backend): a latency CDF per phase, and a sweep's P99 TTFT, P99
-TPOT and goodput against offered rate."""
+"""PNG plots: a latency CDF per phase, and a sweep's P99 TTFT, P99 TPOT and goodput against
+offered rate.
+
+Figures are built with matplotlib's object API (`Figure`), not pyplot: no global backend to
+switch, no figure registry to close, so plotting has no effect on the rest of the process.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from loadgen.stats import PHASES
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_cdfs(samples: Mapping[str, Sequence[float]], path: Path, title: str = "") -> Path:
     """One panel per phase: the empirical CDF of its latencies (ms), P50/P99 marked."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
+    fig = Figure(figsize=(16, 7), layout="constrained")
+    axes = fig.subplots(2, 4)
     for ax, phase in zip(axes.flat, PHASES):
         values = np.sort(np.asarray(samples.get(phase, []), dtype=float))
         ax.set_title(f"{phase} (n={len(values)})")
@@ -41,19 +37,19 @@ def plot_cdfs(samples: Mapping[str, Sequence[float]], path: Path, title: str = "
         ax.legend(loc="lower right", fontsize=8)
     axes.flat[0].set_ylabel("fraction of requests")
     axes.flat[4].set_ylabel("fraction of requests")
-    return _save(plt, fig, path, title)
+    return _save(fig, path, title)
 
 
 def plot_sweep(summary: Mapping[str, Any], path: Path, title: str = "") -> Path:
     """P99 TTFT, P99 TPOT, and goodput (with throughput for reference) vs offered rate."""
-    plt = _pyplot()
     runs = summary["runs"]
     rates = [r["rate"] for r in runs]
 
     def col(key: str) -> list[float]:
         return [np.nan if r[key] is None else r[key] for r in runs]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
     panels = ((axes[0], "ttft_p99_ms", "P99 TTFT (ms)"), (axes[1], "tpot_p99_ms",
                                                           "P99 TPOT (ms)"))
     for ax, key, label in panels:
@@ -68,13 +64,12 @@ def plot_sweep(summary: Mapping[str, Any], path: Path, title: str = "") -> Path:
     for ax in axes:
         ax.set_xlabel("offered rate (requests/s)")
         ax.grid(alpha=0.3)
-    return _save(plt, fig, path, title)
+    return _save(fig, path, title)
 
 
-def _save(plt, fig, path: Path, title: str) -> Path:
+def _save(fig: Figure, path: Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

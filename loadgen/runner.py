@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from loadgen.arrivals import Arrival, ArrivalConfig, Limits, LimitState, open_loop_schedule
-from loadgen.backends import BACKENDS, Backend, make_backend
+from loadgen.backend_factory import make_backend
+from loadgen.backends import BACKENDS, Backend
 from loadgen.record import BackendError, RequestRecord
 from loadgen.workloads import RequestSpec, Workload, WorkloadConfig, make_workload
 
@@ -131,8 +133,6 @@ class _Run:
                          if config.arrival.open_loop else None)
         self.bar = None
         if progress:
-            from tqdm import tqdm
-
             total = (len(self.schedule) if self.schedule is not None
                      else config.limits.max_total)
             self.bar = tqdm(total=total, unit="req", desc=config.arrival.describe(),

@@ -20,6 +20,8 @@ GENERATED = ("pdserve_pb2.py", "pdserve_pb2.pyi", "pdserve_pb2_grpc.py")
 
 def generate(out_root: Path) -> Path:
     """Write the stubs under out_root/pdserve_api/; returns that folder."""
+    # Lazy: grpcio-tools is a development dependency (the dev extra); the package that ships
+    # this module must import without it.
     from grpc_tools import protoc
 
     out_root.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import pytest
 
 import engine.triton_attention as ta
 from engine import attention as ref
+from engine.attention_backends import get_attention_backend
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and TRITON_IMPORTED_TOO_EARLY,
@@ -378,7 +379,7 @@ def test_random_steps_match_torch_backend(seed):
 
 
 def test_get_attention_backend_returns_triton():
-    assert ref.get_attention_backend("triton").name == "triton"
+    assert get_attention_backend("triton").name == "triton"
 
 
 # --------------------------------------------------------------------------- slow
