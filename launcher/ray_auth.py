@@ -10,6 +10,11 @@ only the driver needs it from us.
 what the environment already holds; pdserve never reads the token's value beyond checking the
 file is non-empty, and never logs or prints it. `ray_init` is `ray.init` with that done
 first and a refused connection turned into a RayConnectError that says what to give.
+
+Ray is imported inside `ray_init` and `_reload_ray_auth`, not when this module is: importing
+it with `launcher.cluster` (before the router's modules) makes joining a token-protected
+cluster through Ray Client fail ("Starting Ray client server failed";
+tests/test_security.py::test_pdserve_up_joins_a_token_protected_ray_cluster).
 """
 
 from __future__ import annotations
@@ -19,18 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from pdserve_api.errors import ConfigError
-
-try:  # Ray's token authentication, a private API (see _reload_ray_auth); Ray >= 2.52
-    # Ray's _raylet.pyi stub does not declare these two classes that _raylet exports.
-    from ray._raylet import (  # type: ignore[attr-defined]
-        AuthenticationTokenLoader,
-        Config,
-    )
-except ImportError:  # a Ray without token authentication
-    AuthenticationTokenLoader = Config = None
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +87,13 @@ def _reload_ray_auth() -> None:
     token when this process first loads them, e.g. on `import ray`, so without this a process
     that imported Ray earlier keeps its old mode and sends no token. Private Ray API: the
     calls Ray's own token set-up makes (ray/_private/authentication); only before ray.init."""
-    if AuthenticationTokenLoader is None or Config is None:  # a Ray before 2.52
+    try:
+        # Ray's _raylet.pyi stub does not declare these two classes that _raylet exports.
+        from ray._raylet import (  # type: ignore[attr-defined]
+            AuthenticationTokenLoader,
+            Config,
+        )
+    except ImportError:  # a Ray without token authentication (< 2.52)
         return
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -102,6 +102,8 @@ def _reload_ray_auth() -> None:
 def ray_init(*, auth_token_file: str | None = None, **init_kwargs: Any) -> Any:
     """`ray.init(**init_kwargs)` after `configure_ray_auth`; a refusal becomes a
     RayConnectError naming the address, the auth mode used and what to give."""
+    import ray
+
     address = init_kwargs.get("address")
     how = configure_ray_auth(auth_token_file, joining=address is not None)
     _reload_ray_auth()
