@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig, ModelConfig
-from engine.engine import resolve_max_model_len
+from engine.config import EngineConfig, ModelConfig, resolve_max_model_len
 from pdserve_api.errors import ConfigError
 
 
