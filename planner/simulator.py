@@ -28,6 +28,7 @@ same simulated instant. Deterministic: same inputs, same result.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
@@ -71,9 +72,9 @@ class SimConfig:
             raise ConfigError("a P/D simulation needs at least one prefill and one decode "
                               f"worker (got {self.num_prefill}P + {self.num_decode}D); or "
                               "simulate colocated workers")
-        engine = self.engine or EngineConfig()
-        if engine.block_size != self.profile.block_size:
-            engine.block_size = self.profile.block_size  # the profile's pool is in its blocks
+        # The profile's pool size and transfer sizes are in its blocks.
+        engine = dataclasses.replace(self.engine or EngineConfig(),
+                                     block_size=self.profile.block_size)
         self.engine = engine
         blocks = self.num_kv_blocks or engine.num_kv_blocks or self.profile.kv_pool_blocks
         if not blocks:
