@@ -33,7 +33,7 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
-def add_profile_parser(sub: argparse._SubParsersAction) -> None:
+def add_profile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("profile", help="measure this hardware's prefill, decode, mixed-step "
                                        "and KV transfer times; write a profile JSON")
     p.add_argument("--model", default=None, help="checkpoint (default: the default model)")
@@ -145,7 +145,7 @@ def _add_workload_args(p: argparse.ArgumentParser, *, trace: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+def add_simulate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="simulate a cluster on a profile: the report of "
                                         "`pdserve bench`, without running the model")
     _add_cluster_args(p)
@@ -159,7 +159,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
-def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+def add_plan_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plan", help="search colocated and every P:D split of N devices for "
                                     "the highest goodput per device within the SLO")
     _add_cluster_args(p)
