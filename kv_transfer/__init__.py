@@ -6,6 +6,13 @@
     tx = make_sender("auto", pool)                          # prefill side
     tx.send(rx.address, KVControl(request_id, n_computed, (first_token,)), src_ids, dst_ids)
 
+Workers do not drive transports by hand: each role has one connector over them, used the same
+way by every TP rank. `PrefillConnector` (prefill_connector.py) plans a request's routes,
+keeps its reservation's lease alive, opens its sessions in the step its prompt completes,
+ships each layer as it is written and finishes off the engine thread, reporting each request
+once. `DecodeConnector` (decode_connector.py) expects reservations with the receiver and
+reports each once, ok (commit) or failed (cancel), and merges the TP ranks' parts.
+
 Different prefill and decode TP sizes: every rank has its own pool, receiver and sender;
 `plan_head_routes` (tp_plan.py) says which prefill rank sends which heads to which decode
 rank, each route one session `tx.send(..., heads=route.heads)` into a receiver that expects
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 
+from kv_transfer.control import KVControl, TransferError, TransferResult
 from kv_transfer.header import (
     HeaderError,
     HeadSlice,
@@ -31,17 +39,11 @@ from kv_transfer.header import (
 )
 from kv_transfer.local import LocalHub, LocalReceiver, LocalSender
 from kv_transfer.pool import KVPool
-from kv_transfer.tcp import TcpReceiver, TcpSender
+from kv_transfer.receiver_core import PendingTransfer
+from kv_transfer.tcp_receiver import TcpReceiver
+from kv_transfer.tcp_sender import TcpSender
 from kv_transfer.tp_plan import HeadRoute, plan_head_routes, routes_by_src, senders_per_dst
-from kv_transfer.transport import (
-    KVControl,
-    KVReceiver,
-    KVSender,
-    PendingTransfer,
-    SendSession,
-    TransferError,
-    TransferResult,
-)
+from kv_transfer.transport import KVReceiver, KVSender, SendSession
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ __all__ = [
 
 def _ucx_importable() -> bool:
     try:
-        import ucxx  # noqa: F401
+        import ucxx  # noqa: F401  (lazy: an optional, heavy dependency)
     except (ImportError, OSError) as e:  # absent, or a native library that fails to load
         log.debug("ucxx unavailable: %s", e)
         return False
@@ -90,7 +92,7 @@ def make_receiver(kind: str, pool: KVPool, *, host: str = "127.0.0.1", port: int
         return LocalReceiver(pool, hub, **options)
     if kind == "tcp":
         return TcpReceiver(pool, host, port, **options)
-    from kv_transfer.ucx import UcxReceiver
+    from kv_transfer.ucx import UcxReceiver  # lazy: imports ucxx, optional and heavy
 
     return UcxReceiver(pool, host, port, **options)
 
@@ -105,6 +107,6 @@ def make_sender(kind: str, pool: KVPool, *, hub: LocalHub | None = None,
         return LocalSender(pool, hub)
     if kind == "tcp":
         return TcpSender(pool, **options)
-    from kv_transfer.ucx import UcxSender
+    from kv_transfer.ucx import UcxSender  # lazy: imports ucxx, optional and heavy
 
     return UcxSender(pool, **options)

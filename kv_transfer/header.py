@@ -7,7 +7,7 @@ checks magic, version and both string lengths), reads the rest, then `KVHeader.d
 length is checked against a hard bound before anything is allocated, so a hostile or corrupt
 peer costs at most `MAX_HEADER_SIZE` bytes and a clean `HeaderError`.
 
-Fixed part (56 bytes, version 2):
+Fixed part (56 bytes, version 3):
     magic "PDKV" | version u16 | kind u8 | dtype code u8 | block_size u32 | num_layers u32 |
     num_kv_heads u32 | head_dim u32 | tp_rank u16 | tp_size u16 | layer u32 | num_blocks u32 |
     payload_len u64 | src_head u16 | dst_head u16 | head_count u16 | reserved u16 (0) |
@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 import torch
 
 MAGIC = b"PDKV"
-VERSION = 2
+VERSION = 3  # 3: KEEPALIVE, and UCX marks each layer with an empty LAYER
 _FIXED = struct.Struct("!4sHBBIIIIHHIIQHHHHHH")
 FIXED_SIZE = _FIXED.size  # 56
 
@@ -74,12 +74,16 @@ class MsgKind(enum.IntEnum):
     #            header's head fields = the HeadSlice, if any
     ACCEPT = 3  # R->S: payload = u64 transfer slot (UCX tags derive from it)
     REFUSE = 4  # R->S: payload = u8 reason code + UTF-8 message
-    LAYER = 5  # S->R (TCP): payload = K bytes then V bytes of `layer` for every block
+    LAYER = 5  # S->R: TCP: payload = K bytes then V bytes of `layer` for every block; UCX:
+    #            empty, a mark that the layer's sends are posted (the receiver renews the
+    #            lease and unpacks a staged layer once its receives complete)
     END = 6  # S->R: payload = control message (tokens computed, first output tokens)
     ABORT = 7  # S->R: payload = UTF-8 reason; the transfer is void
     DONE = 8  # R->S: every byte landed and the owner was told
     FAILED = 9  # R->S: payload = UTF-8 reason
     AUTH = 10  # both ways before HELLO when the cluster has a secret (kv_transfer/auth.py)
+    KEEPALIVE = 11  # S->R between transfers: payload = request ids, "\n"-separated UTF-8; the
+    #                receiver renews those reservations' leases and answers nothing
 
 
 # Stable wire codes; never renumber.

@@ -18,23 +18,17 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kv_transfer.header import HeadSlice
-from kv_transfer.pool import KVPool, paired_runs
-from kv_transfer.transport import (
-    QUIET_WAIT_S,
+from kv_transfer.control import (
     KVControl,
-    KVReceiver,
-    KVSender,
-    Part,
-    ReceiverCore,
     Refused,
-    SendSession,
-    State,
     TransferError,
     TransferResult,
-    check_layer,
     refusal_error,
 )
+from kv_transfer.header import HeadSlice
+from kv_transfer.pool import KVPool, paired_runs
+from kv_transfer.receiver_core import DEFAULT_LEASE_S, QUIET_WAIT_S, Part, ReceiverCore, State
+from kv_transfer.transport import KVReceiver, KVSender, SendSession, check_layer
 
 SCHEME = "local://"
 
@@ -104,6 +98,7 @@ class LocalSession(SendSession):
         src, dst = self._src_pool, self._rx.pool
         with self._pt.lock:  # the watchdog cannot fail the transfer mid-copy
             self._live()
+            self._pt.renew()
             sh, dh = self._src_heads, self._dst_heads
             for a, b in ((src.k, dst.k), (src.v, dst.v)):
                 for run in self._runs:
@@ -136,7 +131,7 @@ class LocalSender(KVSender):
         self.hub = hub
 
     def open(self, address: str, request_id: str, src_block_ids: Sequence[int],
-             dst_block_ids: Sequence[int], timeout_s: float = 30.0,
+             dst_block_ids: Sequence[int], timeout_s: float = DEFAULT_LEASE_S,
              heads: HeadSlice | None = None) -> SendSession:
         rx = self.hub.lookup(address)
         self.pool.check_ids(src_block_ids, "source")
@@ -147,3 +142,6 @@ class LocalSender(KVSender):
         except Refused as e:
             raise refusal_error(e.code, str(e)) from None
         return LocalSession(self, rx, part, src_block_ids, dst_block_ids)
+
+    def keepalive(self, address: str, request_ids: Sequence[str]) -> None:
+        self.hub.lookup(address).renew(request_ids)

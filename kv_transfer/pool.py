@@ -123,14 +123,14 @@ class KVPool:
         src = self.k_bytes if kv == 0 else self.v_bytes
         return src[layer, start : start + count].view(-1)
 
-    def staging(self, num_blocks: int, num_heads: int, device: torch.device | str | None = None,
-                layers: int | None = None) -> torch.Tensor:
-        """A packed staging tensor for `num_heads` heads of `num_blocks` blocks:
-        [2, blocks, block_size, heads, head_dim], with a leading layer dim if `layers`."""
+    def staging_shape(self, num_blocks: int, num_heads: int,
+                      layers: int | None = None) -> tuple[int, ...]:
+        """The packed staging shape for `num_heads` heads of `num_blocks` blocks:
+        [2, blocks, block_size, heads, head_dim], with a leading layer dim if `layers`
+        (buffers come from a StagingCache, staging.py)."""
         lay = self.layout
         shape = (2, num_blocks, lay.block_size, num_heads, lay.head_dim)
-        return torch.empty(((layers,) if layers else ()) + shape, dtype=lay.dtype,
-                           device=self.device if device is None else device)
+        return ((layers,) if layers else ()) + shape
 
     def gather_heads(self, layer: int, ids: Sequence[int], heads: range,
                      out: torch.Tensor) -> None:
@@ -155,9 +155,10 @@ class KVPool:
         self.sync()
 
     def sync(self) -> None:
-        """Wait for queued device copies into or out of the pool (no-op on host pools)."""
+        """Wait for the copies this thread queued into or out of the pool (its current CUDA
+        stream only, not the whole device; no-op on host pools)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def run(self, kv: int, layer: int, start: int, count: int):
         """Host buffer (numpy uint8, 1-D) aliasing a run: for sockets and host UCX transfers.

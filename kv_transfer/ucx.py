@@ -11,12 +11,17 @@ slot << 32 | message index, so transfers never cross. `send_layer` posts the mat
 sends END, and the receiver answers DONE once its receives have completed. Nothing is
 staged or concatenated in Python for whole-region sessions.
 
+After posting a layer's sends the sender puts an empty LAYER message on the control socket:
+a sign of life that renews the reservation's lease (receiver_core.py), and the receiver's cue
+to unpack that layer.
+
 Head-sliced sessions (pool.py): message boundaries stay the paired runs, and a side whose
-slice is not its whole region stages. The sender gathers each layer into its own staging
-tensor at `send_layer` and sends from it (kept until `finish`: the sends are asynchronous);
-the receiver posts its receives into one staging tensor for every layer of the session
-(layers may arrive in any order) and scatters it into the pool once all have landed, at END.
-So a staged receive holds the session's bytes once more until END.
+slice is not its whole region stages, in buffers from a StagingCache (staging.py) reused
+across sessions. The sender gathers each layer into its slot of a per-session staging tensor
+at `send_layer` and sends from it (kept until `finish`: the sends are asynchronous); the
+receiver posts its receives into one staging tensor for every layer of the session (layers
+may arrive in any order) and, at each LAYER mark, waits for that layer's receives and scatters
+it into the pool, so unpacking overlaps the layers still in flight.
 
 Why a TCP control socket instead of ucxx's listener/`create_endpoint`:
 - UCX's client-server (sockaddr) connection establishment only wires up network transports:
@@ -73,16 +78,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from kv_transfer.header import HeaderError, KVHeader
+from kv_transfer.control import TransferError
+from kv_transfer.header import HeaderError, KVHeader, MsgKind
 from kv_transfer.pool import KVPool, Run, paired_runs
-from kv_transfer.tcp import Conn, Incoming, TcpReceiver, TcpSender, TcpSession
-from kv_transfer.transport import TransferError
+from kv_transfer.staging import StagingCache
+from kv_transfer.tcp_receiver import Incoming, TcpReceiver
+from kv_transfer.tcp_sender import TcpSender, TcpSession
+from kv_transfer.wire import Conn, send_message
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,7 @@ class _Ucx:
     """One UCX context + worker with its progress thread."""
 
     def __init__(self, config: UcxConfig, name: str):
+        # Lazy: ucxx is an optional, heavy dependency (transport "ucx" only).
         import ucxx._lib.libucxx as ucx_api
         from ucxx._lib.arr import Array
 
@@ -159,22 +169,21 @@ class _Ucx:
 def _close_ep(ep) -> None:
     """Close an endpoint, cancelling its in-flight requests now (plain `close` waits for a
     flush that a dead peer never answers)."""
-    from ucxx._lib.libucxx import UCXError
-
     try:
         ep.close_blocking(period=10**8, max_attempts=5)
-    except UCXError as e:  # already failed/closed: nothing more to stop
+    except Exception as e:  # noqa: BLE001 - ucxx's UCXError: already failed or closed
         log.debug("closing UCX endpoint: %s", e)
 
 
-def _wait(reqs: Sequence, deadline: float, what: str) -> None:
-    """Wait for UCX requests (completed by the progress thread) until the deadline."""
+def _wait(reqs: Sequence[Any], deadline: Callable[[], float], what: str) -> None:
+    """Wait for UCX requests (completed by the progress thread) until `deadline()` (re-read:
+    a lease may move on meanwhile)."""
     i, delay = 0, 1e-5
     while i < len(reqs):
         if reqs[i].completed:
             i += 1
             continue
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline():
             raise TransferError(f"timed out waiting for {what} ({i} of {len(reqs)} done)")
         time.sleep(delay)
         delay = min(delay * 2, 1e-3)
@@ -243,19 +252,23 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
                  name: str | None = None, config: UcxConfig | None = None,
                  secret: bytes | None = None):
         self._ucx = _Ucx(config or UcxConfig(), name or "ucx-rx")
-        self._orphans: list = []  # staging still posted to after a failure: kept alive
+        self._orphans: list[torch.Tensor] = []  # staging posted to after a failure: kept
+        self._device_staging = StagingCache(pool.device)
         super().__init__(pool, host, port, name, secret)
 
     def _prepare(self, conn: Conn, inc: Incoming) -> None:
         lay, ucx = self.pool.layout, self._ucx
         segs = paired_runs(inc.src, inc.dst)
+        per_layer = 2 * len(segs)
         _messages(lay.num_layers, segs)
         stage = None
-        if not inc.whole(self.pool):  # a head slice: every layer into staging, scatter at END
-            stage = inc.extra["stage"] = self.pool.staging(len(inc.dst), len(inc.heads),
-                                                           layers=lay.num_layers)
+        if not inc.whole(self.pool):  # a head slice: into staging, unpacked layer by layer
+            stage = inc.extra["stage"] = self._device_staging.take(
+                self.pool.staging_shape(len(inc.dst), len(inc.heads), lay.num_layers),
+                lay.dtype)
         ep = self._ep(conn)
-        reqs, index = [], 0
+        reqs: list[Any] = []
+        inc.extra["reqs"], inc.extra["per_layer"] = reqs, per_layer
         try:
             for layer in range(lay.num_layers):
                 for kv in (0, 1):
@@ -266,22 +279,29 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
                         else:
                             buf = ucx.tensor(stage[layer, kv, at : at + seg.count])
                         at += seg.count
-                        reqs.append(ep.tag_recv(buf, ucx.tag(inc.slot, index)))
-                        index += 1
+                        reqs.append(ep.tag_recv(buf, ucx.tag(inc.slot, len(reqs))))
         except Exception as e:
-            inc.extra["reqs"] = reqs
             raise TransferError(f"posting UCX receives: {type(e).__name__}: {e}") from e
-        inc.extra["reqs"] = reqs
 
     def _recv_layer(self, conn: Conn, inc: Incoming, header: KVHeader) -> None:
-        raise HeaderError("a UCX transfer carries no LAYER data on its control socket")
+        """A LAYER mark: the sender posted this layer's sends. A staged session unpacks the
+        layer once its receives complete; a whole-region one has nothing to do (its bytes
+        land in the pool directly)."""
+        if header.payload_len:
+            raise HeaderError("a UCX transfer carries no LAYER data on its control socket")
+        stage = inc.extra.get("stage")
+        if stage is None:
+            return
+        n, layer = inc.extra["per_layer"], header.layer
+        _wait(inc.extra["reqs"][layer * n : (layer + 1) * n], lambda: inc.pt.deadline,
+              f"layer {layer} of {inc.pt.request_id}")
+        self.pool.scatter_heads(layer, inc.dst, inc.heads, stage[layer])
 
     def _await_data(self, conn: Conn, inc: Incoming) -> None:
-        _wait(inc.extra["reqs"], inc.pt.deadline, f"the KV of {inc.pt.request_id}")
-        stage = inc.extra.pop("stage", None)
-        if stage is not None:
-            for layer in range(self.pool.layout.num_layers):
-                self.pool.scatter_heads(layer, inc.dst, inc.heads, stage[layer])
+        missing = set(range(self.pool.layout.num_layers)) - inc.layers
+        if missing:
+            raise TransferError(f"END before the marks of layers {sorted(missing)[:8]}")
+        _wait(inc.extra["reqs"], lambda: inc.pt.deadline, f"the KV of {inc.pt.request_id}")
 
     def _wake(self, conn: Conn) -> None:
         if (peer := _peer(conn)) is not None:
@@ -292,12 +312,18 @@ class UcxReceiver(_UcxHandshake, TcpReceiver):
         if (peer := _peer(conn)) is not None:
             peer.close()  # cancels the receives still posted into the pool
         deadline = time.monotonic() + 2.0
-        reqs = inc.extra.get("reqs", ())
-        for r in reqs:
+        for r in inc.extra.get("reqs", ()):
             while not r.completed and time.monotonic() < deadline:
                 time.sleep(1e-3)
-        if "stage" in inc.extra and not all(r.completed for r in reqs):
-            self._orphans.append(inc.extra["stage"])  # a receive may still land there
+
+    def _release(self, inc: Incoming) -> None:
+        stage = inc.extra.pop("stage", None)
+        if stage is None:
+            return
+        if all(r.completed for r in inc.extra.get("reqs", ())):
+            self._device_staging.give(stage)
+        else:
+            self._orphans.append(stage)  # a receive may still land there
 
     def _drop(self, conn: Conn) -> None:
         if (peer := _peer(conn)) is not None:
@@ -318,7 +344,11 @@ class UcxSender(_UcxHandshake, TcpSender):
     def __init__(self, pool: KVPool, connect_timeout_s: float = 5.0,
                  config: UcxConfig | None = None, secret: bytes | None = None):
         self._ucx = _Ucx(config or UcxConfig(), "ucx-tx")
+        self._orphans: list[torch.Tensor] = []  # staging a cancelled send may still read
         super().__init__(pool, connect_timeout_s, secret)
+
+    def _staging_device(self) -> torch.device:
+        return self.pool.device  # UCX sends from device memory as well
 
     def connect(self, address: str) -> None:
         conn = self._connect(address)
@@ -340,10 +370,9 @@ class UcxSender(_UcxHandshake, TcpSender):
         index = layer * 2 * len(segs)
         stage = None
         if not session.whole:  # a head slice: pack this layer; it must live until finish
-            stage = self.pool.staging(len(session.src), len(session.heads))
+            stage = self._stage(session, lay.num_layers)[layer]
             self.pool.gather_heads(layer, session.src, session.heads, stage)
             self.pool.sync()
-            session.extra.setdefault("stages", []).append(stage)
         try:
             ep = self._ep(session._conn)  # endpoint creation fails if the peer just died
             for kv in (0, 1):
@@ -358,14 +387,26 @@ class UcxSender(_UcxHandshake, TcpSender):
                     index += 1
         except Exception as e:
             raise TransferError(f"posting UCX sends: {type(e).__name__}: {e}") from e
+        # The mark: renews the receiver's lease and lets it unpack this layer.
+        send_message(session._conn.sock, MsgKind.LAYER, lay, session.request_id,
+                     num_blocks=len(session.src), layer=layer)
 
     def _before_end(self, session: TcpSession) -> None:
-        _wait(session.extra.get("reqs", []), session.deadline,
+        _wait(session.extra.get("reqs", []), lambda: session.deadline,
               f"sends of {session.request_id}")
 
     def _abandon(self, session: TcpSession) -> None:
         if (peer := _peer(session._conn)) is not None and session.extra.get("reqs"):
             peer.close()  # cancels sends still in flight
+
+    def _release_staging(self, session: TcpSession) -> None:
+        stage = session.extra.pop("stage", None)
+        if stage is None:
+            return
+        if all(r.completed for r in session.extra.get("reqs", ())):
+            self._staging.give(stage)
+        else:
+            self._orphans.append(stage)  # a cancelled send may still read it
 
     def _drop(self, conn: Conn) -> None:
         if (peer := _peer(conn)) is not None:

@@ -1,5 +1,6 @@
 """Framing over a stream socket: header + bounded payload messages, exact reads, scatter-gather
-writes. Shared by the TCP transport (control and data) and the UCX transport (control only).
+writes, and the connection object both ends keep. Shared by the TCP transport (control and
+data) and the UCX transport (control only).
 
 Every read is exact and bounded: a payload longer than the caller's limit is refused from its
 header before a byte of it is read, so a peer cannot make us allocate.
@@ -8,10 +9,13 @@ header before a byte of it is read, so a peer cannot make us allocate.
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +23,49 @@ from kv_transfer.header import FIXED_SIZE, HeaderError, HeadSlice, KVHeader, KVL
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_BATCH = 512
+SMALL_PAYLOAD = 64 * 1024  # bound on control payloads (HELLO address, reasons, control, ids)
+_SOCK_BUF = 4 << 20
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+@dataclass(eq=False)
+class Conn:
+    """One peer connection; transports hang their per-peer state on `extra`."""
+
+    sock: socket.socket
+    peer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on the socket (its reads return EOF); any thread may."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()
+
+    def wait_readable(self, remaining: Callable[[], float], poll_s: float = 0.5) -> None:
+        """Block until a message starts arriving. `remaining()` is re-read every `poll_s`,
+        so a deadline that moves on (a renewed lease) is honoured; TimeoutError once it is
+        <= 0. A shut-down socket is readable (the read then sees EOF)."""
+        while True:
+            left = remaining()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            try:
+                ready, _, _ = select.select([self.sock], [], [], min(left, poll_s))
+            except (OSError, ValueError):  # closed under us: the read reports it
+                return
+            if ready:
+                return
 
 
 class PeerClosed(ConnectionError):

@@ -176,7 +176,7 @@ def test_shuffled_blocks_arrive_byte_identical(kind, dtype):
     rx, tx = endpoints(kind, dst_pool, src_pool)
     try:
         results = []
-        pending = rx.expect("r1", dst, on_done=results.append, timeout_s=20)
+        pending = rx.expect("r1", dst, on_done=results.append, lease_s=20)
         with tx.open(rx.address, "r1", src, dst, timeout_s=20) as session:
             for layer in reversed(range(lay.num_layers)):  # layer-wise, any order
                 session.send_layer(layer)
@@ -192,7 +192,7 @@ def test_shuffled_blocks_arrive_byte_identical(kind, dtype):
         assert torch.equal(dst_pool.k[:, untouched], before_k[:, untouched])
         assert torch.equal(dst_pool.v[:, untouched], before_v[:, untouched])
         # The connection is reused for the next whole-request transfer.
-        pending = rx.expect("r2", dst[:2], timeout_s=20)
+        pending = rx.expect("r2", dst[:2], lease_s=20)
         assert tx.send(rx.address, KVControl("r2", 5), src[-2:], dst[:2]).ok
         assert pending.wait(10).ok
         assert torch.equal(dst_pool.k[:, dst[:2]], src_pool.k[:, src[-2:]])
@@ -212,7 +212,7 @@ def test_connect_ahead_is_the_connection_the_first_transfer_uses(kind):
         while len(rx._conns) != 1:  # the receiver accepts on its own thread
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        pending = rx.expect("r1", [3], timeout_s=20)
+        pending = rx.expect("r1", [3], lease_s=20)
         assert tx.send(rx.address, KVControl("r1", 4), [5], [3]).ok
         assert pending.wait(10).ok
         assert torch.equal(dst_pool.k[:, 3], src_pool.k[:, 5])
@@ -234,7 +234,7 @@ def test_layout_mismatch_refused_and_nothing_written(kind, field, value):
     rx, tx = endpoints(kind, dst_pool, bad_pool)
     try:
         owner = []
-        pending = rx.expect("r1", [3, 4], on_done=owner.append, timeout_s=20)
+        pending = rx.expect("r1", [3, 4], on_done=owner.append, lease_s=20)
         with pytest.raises(KVLayoutMismatch, match=field):
             tx.send(rx.address, KVControl("r1", 8), [0, 1], [3, 4], timeout_s=20)
         result = pending.wait(5)
@@ -245,7 +245,7 @@ def test_layout_mismatch_refused_and_nothing_written(kind, field, value):
         good = make_sender(kind, random_pool(layout(), seed=5), hub=getattr(rx, "hub", None))
         with pytest.raises(TransferError, match="no reservation"):
             good.send(rx.address, KVControl("nope", 4), [0], [3])
-        pending = rx.expect("r2", [3], timeout_s=20)
+        pending = rx.expect("r2", [3], lease_s=20)
         assert good.send(rx.address, KVControl("r2", 4), [0], [3]).ok
         assert pending.wait(10).ok
         good.close()
@@ -260,9 +260,9 @@ def test_reservation_expires_when_no_sender_comes(kind):
     try:
         owner = []
         t0 = time.monotonic()
-        pending = rx.expect("late", [1, 2], on_done=owner.append, timeout_s=0.3)
+        pending = rx.expect("late", [1, 2], on_done=owner.append, lease_s=0.3)
         result = pending.wait(5)
-        assert result is not None and not result.ok and "timed out" in result.error
+        assert result is not None and not result.ok and "prefill side silent for 0.3 s" in result.error
         assert time.monotonic() - t0 < 3 and owner == [result]
         with pytest.raises(TransferError):  # too late: the blocks are no longer reserved
             tx.send(rx.address, KVControl("late", 8), [0, 1], [1, 2])
@@ -294,7 +294,7 @@ def test_sender_killed_mid_transfer_fails_fast_and_receiver_keeps_serving(kind):
     rx = make_receiver(kind, dst_pool)
     dst = random.Random(9).sample(range(64), 48)
     cancelled = []
-    pending = rx.expect("victim", dst, on_done=cancelled.append, timeout_s=60)
+    pending = rx.expect("victim", dst, on_done=cancelled.append, lease_s=60)
     proc = subprocess.Popen([sys.executable, "-c", SENDER_SCRIPT.format(
         root=str(ROOT), kind=kind, address=rx.address, dst=dst)], stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"})
@@ -317,7 +317,7 @@ def test_sender_killed_mid_transfer_fails_fast_and_receiver_keeps_serving(kind):
         # The receiver serves the next transfer into the same blocks.
         src_pool = random_pool(lay, num_blocks=64, seed=3)
         with make_sender(kind, src_pool) as tx:
-            pending = rx.expect("next", dst[:5], timeout_s=20)
+            pending = rx.expect("next", dst[:5], lease_s=20)
             assert tx.send(rx.address, KVControl("next", 20), [60, 1, 2, 3, 9], dst[:5]).ok
             assert pending.wait(10).ok
         assert torch.equal(dst_pool.v[:, dst[:5]], src_pool.v[:, [60, 1, 2, 3, 9]])
@@ -332,7 +332,7 @@ def test_local_stalled_sender_stops_writing_once_timed_out():
     src_pool, dst_pool = random_pool(lay, seed=1), random_pool(lay, seed=2)
     before = dst_pool.k.clone()
     rx, tx = endpoints("local", dst_pool, src_pool)
-    pending = rx.expect("slow", [5, 6], timeout_s=0.2)
+    pending = rx.expect("slow", [5, 6], lease_s=0.2)
     session = tx.open(rx.address, "slow", [0, 1], [5, 6])
     session.send_layer(0)
     assert not pending.wait(3).ok
@@ -400,7 +400,7 @@ def test_prefill_to_decode_engine_over_transport_matches_colocated(tiny_llama_on
         for rid, prompt in zip(ids, prompts):
             computed = prefill.requests[rid].num_computed_tokens
             _, dst = decode.reserve_kv(prompt, computed, greedy, request_id=rid)
-            pending = rx.expect(rid, dst, timeout_s=30)
+            pending = rx.expect(rid, dst, lease_s=30)
             src = prefill.block_table(rid)[: len(dst)]
             tx.send(rx.address, KVControl(rid, computed, tuple(first[rid])), src, dst)
             result = pending.wait(10)
@@ -430,7 +430,7 @@ def test_failed_transfer_cancel_leaks_no_engine_blocks(tiny_llama_only):
     rx = make_receiver("tcp", KVPool.from_engine(decode))
     rid, dst = decode.reserve_kv(list(range(3, 40)), 37)
     failed = []
-    rx.expect(rid, dst, on_done=failed.append, timeout_s=0.2).wait(5)
+    rx.expect(rid, dst, on_done=failed.append, lease_s=0.2).wait(5)
     assert failed and not failed[0].ok
     decode.cancel_reservation(rid)  # what the owner's callback hands to the engine loop
     decode.check_integrity()
@@ -467,7 +467,7 @@ def test_only_cluster_members_can_write_or_read_blocks(kind):
     secret = b"s" * 32
     rx = make_receiver(kind, dst_pool, secret=secret)
     try:
-        pending = rx.expect("r1", [3, 4], timeout_s=30)
+        pending = rx.expect("r1", [3, 4], lease_s=30)
         for stranger in (make_sender(kind, src_pool),
                          make_sender(kind, src_pool, secret=b"x" * 32)):
             with stranger, pytest.raises(TransferError):

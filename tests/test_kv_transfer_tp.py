@@ -185,7 +185,7 @@ def test_each_decode_rank_receives_exactly_its_heads_byte_identical(kind, case):
     tx, rx = endpoints(kind, src_pools, dst_pools)
     try:
         reports = [[] for _ in range(dst_tp)]
-        pending = [r.expect("r1", dst, on_done=reports[d].append, timeout_s=20,
+        pending = [r.expect("r1", dst, on_done=reports[d].append, lease_s=20,
                             num_senders=n)
                    for d, (r, n) in enumerate(zip(rx.ends, senders_per_dst(routes, dst_tp)))]
         control = KVControl("r1", 17, (5,))
@@ -239,7 +239,7 @@ def test_all_heads_slice_matches_a_whole_block_transfer(kind):
     tx, rx = endpoints(kind, [src_pool], [dst_pool])
     try:
         for rid, heads in (("a", HeadSlice(0, 0, 2)), ("b", None)):
-            pending = rx.ends[0].expect(rid, [4, 5, 9], timeout_s=20)
+            pending = rx.ends[0].expect(rid, [4, 5, 9], lease_s=20)
             assert tx.ends[0].send(rx.ends[0].address, KVControl(rid, 3), [0, 1, 2],
                                    [4, 5, 9], heads=heads).ok
             assert pending.wait(10).ok
@@ -277,7 +277,7 @@ def test_one_of_two_senders_failing_fails_the_request_once_and_stops_the_other(k
             reports.append(result)
 
         dst = [7, 2, 3]
-        pending = receiver.expect("r1", dst, on_done=on_done, timeout_s=20, num_senders=2)
+        pending = receiver.expect("r1", dst, on_done=on_done, lease_s=20, num_senders=2)
         a, b = (tx.ends[r.src_rank].open(receiver.address, "r1", [0, 1, 2], dst,
                                          timeout_s=10, heads=r.heads) for r in routes)
         a.send_layer(0)
@@ -302,7 +302,7 @@ def test_one_of_two_senders_failing_fails_the_request_once_and_stops_the_other(k
         assert reports == [result]
         assert torch.equal(dst_pool.k, snapshot[0][0]) and torch.equal(dst_pool.v, snapshot[0][1])
         # The receiver serves the next request (both sessions) byte-identically.
-        pending = receiver.expect("r2", [5, 6], timeout_s=20, num_senders=2)
+        pending = receiver.expect("r2", [5, 6], lease_s=20, num_senders=2)
         for r in routes:
             assert tx.ends[r.src_rank].send(receiver.address, KVControl("r2", 8), [3, 4],
                                             [5, 6], heads=r.heads).ok
@@ -319,7 +319,7 @@ def test_senders_disagreeing_on_the_control_fail_the_request(kind):
     src_pools, dst_pool = worker_pools(2, 2, seed=1), worker_pools(2, 1, seed=2)[0]
     tx, rx = endpoints(kind, src_pools, [dst_pool])
     try:
-        pending = rx.ends[0].expect("r1", [1], timeout_s=20, num_senders=2)
+        pending = rx.ends[0].expect("r1", [1], lease_s=20, num_senders=2)
         routes = plan_head_routes(2, 2, 1)
         assert tx.ends[0].send(rx.ends[0].address, KVControl("r1", 4), [0], [1],
                                heads=routes[0].heads).ok
@@ -348,7 +348,7 @@ def test_head_slices_that_do_not_fit_or_overlap_are_refused_with_nothing_written
             return torch.equal(dst_pool.k, before[0]) and torch.equal(dst_pool.v, before[1])
 
         # Reads past the sender's own slots: refused before anything is sent.
-        pending = receiver.expect("r1", [3], timeout_s=20)
+        pending = receiver.expect("r1", [3], lease_s=20)
         with pytest.raises(ValueError, match="head slots"):
             tx.ends[0].open(addr, "r1", [0], [3], heads=HeadSlice(1, 0, 1))
         assert not pending.done()
@@ -357,7 +357,7 @@ def test_head_slices_that_do_not_fit_or_overlap_are_refused_with_nothing_written
             tx.ends[0].send(addr, KVControl("r1", 4), [0], [3], heads=HeadSlice(0, 2, 1))
         assert not pending.wait(5).ok and unchanged()
         # Whole blocks between different layouts: refused as ever.
-        pending = receiver.expect("r2", [3], timeout_s=20)
+        pending = receiver.expect("r2", [3], lease_s=20)
         with pytest.raises(KVLayoutMismatch, match="num_kv_heads"):
             tx.ends[0].send(addr, KVControl("r2", 4), [0], [3])
         assert not pending.wait(5).ok and unchanged()
@@ -366,14 +366,14 @@ def test_head_slices_that_do_not_fit_or_overlap_are_refused_with_nothing_written
                      torch.zeros(LAYERS, BLOCKS, 8, 1, HEAD_DIM),
                      KVLayout("tiny", torch.float32, 8, LAYERS, 1, HEAD_DIM, 0, 2))
         with make_sender(kind, odd, hub=getattr(receiver, "hub", None)) as stranger:
-            pending = receiver.expect("r3", [3], timeout_s=20)
+            pending = receiver.expect("r3", [3], lease_s=20)
             with pytest.raises(KVLayoutMismatch, match="block_size"):
                 stranger.send(addr, KVControl("r3", 4), [0], [3], heads=HeadSlice(0, 0, 1))
             assert not pending.wait(5).ok and unchanged()
         # Two sessions over the same slot: the second is refused, the request fails, and the
         # first (mid-transfer) stops: nothing lands after the owner hears.
         reports = []
-        pending = receiver.expect("r4", [3, 4], on_done=reports.append, timeout_s=20,
+        pending = receiver.expect("r4", [3, 4], on_done=reports.append, lease_s=20,
                                   num_senders=2)
         first = tx.ends[0].open(addr, "r4", [0, 1], [3, 4], timeout_s=10,
                                 heads=HeadSlice(0, 1, 1))
@@ -391,7 +391,7 @@ def test_head_slices_that_do_not_fit_or_overlap_are_refused_with_nothing_written
         assert torch.equal(dst_pool.k, at_report[0]) and torch.equal(dst_pool.v, at_report[1])
         assert torch.equal(dst_pool.k[:, :, :, 0], before[0][:, :, :, 0])  # slot 0 never
         # More sessions than expected: the extra one is refused, the transfer goes on.
-        pending = receiver.expect("r5", [5], timeout_s=20)
+        pending = receiver.expect("r5", [5], lease_s=20)
         s = tx.ends[0].open(addr, "r5", [0], [5], heads=HeadSlice(0, 0, 1))
         with pytest.raises(TransferError, match="active"):
             tx.ends[1].open(addr, "r5", [0], [5], heads=HeadSlice(0, 1, 1))
