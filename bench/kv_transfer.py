@@ -141,7 +141,7 @@ def bench_tp(kinds: list[str], sizes: list[int], repeat: int, scatter: bool) -> 
 
     def once(rx, kind: str, tp: int, rid: str, src: list[int], dst: list[int]
              ) -> tuple[float, bool]:
-        pending = rx.expect(rid, dst, timeout_s=120, num_senders=len(routes[tp]))
+        pending = rx.expect(rid, dst, lease_s=120, num_senders=len(routes[tp]))
         t0 = time.perf_counter()
         for rt in routes[tp]:  # TP1: whole blocks (heads=None), today's path
             heads = None if tp == 1 else (rt.src_head, rt.dst_head, rt.count)
@@ -238,7 +238,7 @@ def bench_transport(kind: str, child, rx_pool: KVPool, sizes: list[int], repeat:
             for r in range(repeat + 1):  # the first run warms up connections / registration
                 rid = f"{kind}-{n}-{r}"
                 src, dst = block_ids(n, scatter, 1 + r), block_ids(n, scatter, 100 + r)
-                pending = rx.expect(rid, dst, timeout_s=120)
+                pending = rx.expect(rid, dst, lease_s=120)
                 child.send((kind, rx.address, rid, src, dst))
                 status, value, src_sum = child.recv()
                 result = pending.wait(10)

@@ -1,9 +1,12 @@
 """Decode worker: a Ray actor running the engine in decode mode (DESIGN: request path 4 and 6).
 
-`reserve()` allocates KV blocks for a prompt and tells the KV receiver to expect them; the
-router hands the receiver's address and the block ids to a prefill worker, which writes
-straight into them. When the transfer completes the request joins the continuous batch
-(`commit_kv`); when it fails or times out the reservation is freed (`cancel_reservation`).
+`reserve()` allocates KV blocks for a prompt and tells this rank's `DecodeConnector`
+(kv_transfer/decode_connector.py) to expect them; the router hands the receivers' addresses
+and the block ids to a prefill worker, which writes straight into them. The reservation is a
+lease the prefill side renews while it makes progress (`--kv-timeout-s`). When the transfer
+completes the request joins the continuous batch (`commit_kv`); when it fails or the prefill
+side goes silent for a lease the reservation is freed (`cancel_reservation`). Under TP every
+rank receives its own heads and rank 0 commits once the connector has merged their parts.
 `next_items()` (a long poll, worker_host/actor.py) returns the request's token deltas; the
 last item carries the finish reason and the decode time measured here.
 """
@@ -11,26 +14,20 @@ last item carries the finish reason and the decode time measured here.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import ray
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
-from kv_transfer import (
-    KVPool,
-    TransferResult,
-    make_receiver,
-    plan_head_routes,
-    senders_per_dst,
-)
+from kv_transfer import KVPool, TransferResult, make_receiver
+from kv_transfer.decode_connector import DecodeConnector, PartReport
 from pdserve_api.sampling import SamplingParams
 from worker_host.actor import WorkerBase
 from worker_host.spec import WorkerSpec, node_host
-from worker_host.tp_follower import follower_errors
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +38,17 @@ class DecodeWorker(WorkerBase):
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
-        self.receiver = make_receiver(spec.transport, self.pool, host=node_host(),
-                                      secret=spec.cluster_secret)
-        self.transport = type(self.receiver).__name__.removesuffix("Receiver").lower()
-        log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.receiver.address,
+        receiver = make_receiver(spec.transport, self.pool, host=node_host(),
+                                 secret=spec.cluster_secret)
+        self.kv = DecodeConnector(receiver, self.engine.model_config.num_kv_heads,
+                                  spec.tp_size, 0, spec.kv_timeout_s)
+        self.transport = type(receiver).__name__.removesuffix("Receiver").lower()
+        log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.kv.address,
                  self.transport, self.pool.num_blocks)
         self.kv_arrived: dict[str, float] = {}  # engine thread only
-        self.num_kv_heads = self.engine.model_config.num_kv_heads
         # TP ranks 1..: each receives its own heads; rank 0 commits once all have landed.
         self.followers = list(spec.tp_followers)
-        self.addresses = [self.receiver.address]
+        self.addresses = [self.kv.address]
         if self.followers:  # constructed before this rank: their receivers are up
             self.addresses += [info["address"] for info in ray.get(
                 [f.ready.remote() for f in self.followers], timeout=600)]
@@ -59,7 +57,7 @@ class DecodeWorker(WorkerBase):
     # ---- actor methods ---------------------------------------------------------------------
 
     def _ready_extra(self) -> dict[str, Any]:
-        return {"transport": self.transport, "address": self.receiver.address,
+        return {"transport": self.transport, "address": self.kv.address,
                 "addresses": self.addresses, "tp_size": self.spec.tp_size}
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
@@ -69,16 +67,15 @@ class DecodeWorker(WorkerBase):
         src_tp. Returns {addresses (receivers by TP rank), block_ids, free_blocks,
         num_running}, or {error: "no_kv_space" | message, ...} (nothing is held then)."""
         self._open_stream(request_id)
-        timeout = timeout_s or self.spec.kv_timeout_s
-        senders = senders_per_dst(plan_head_routes(self.num_kv_heads, src_tp,
-                                                   self.spec.tp_size), self.spec.tp_size)
+        lease = timeout_s or self.spec.kv_timeout_s
         on_done = self._on_rank0_transfer if self.followers else self._on_transfer
 
         def reserve(e: LLMEngine) -> list[int]:
+            senders = self.kv.senders(src_tp)
             rid, ids = e.reserve_kv(prompt_token_ids, len(prompt_token_ids),
                                     SamplingParams(**sampling), request_id)
             try:
-                self.receiver.expect(rid, ids, on_done, timeout, senders[0])
+                self.kv.expect(rid, ids, senders[0], on_done, lease)
             except Exception:
                 e.cancel_reservation(rid)
                 raise
@@ -95,8 +92,8 @@ class DecodeWorker(WorkerBase):
             return {"error": f"{type(e).__name__}: {e}", **self._load()}
         if self.followers:
             try:
-                await asyncio.gather(*(f.expect_kv.remote(request_id, ids, n, timeout)
-                                       for f, n in zip(self.followers, senders[1:])))
+                await asyncio.gather(*(f.expect_kv.remote(request_id, ids, n, lease) for f, n
+                                       in zip(self.followers, self.kv.senders(src_tp)[1:])))
             except Exception as e:  # noqa: BLE001 - a dead rank: nothing may stay reserved
                 await self.abort(request_id)
                 self.streams.pop(request_id, None)
@@ -105,7 +102,7 @@ class DecodeWorker(WorkerBase):
 
     async def abort(self, request_id: str) -> bool:
         """Client cancel / router failure: stop the request wherever it is, free its blocks."""
-        if self.receiver.cancel(request_id):  # still waiting for KV: _on_transfer frees it
+        if self.kv.cancel(request_id):  # still waiting for KV: _on_transfer frees it
             return True
 
         def abort(e: LLMEngine) -> bool:
@@ -123,33 +120,34 @@ class DecodeWorker(WorkerBase):
         return found
 
     def shutdown(self) -> None:
-        self.receiver.close()
+        self.kv.close()
         super().shutdown()
 
     # ---- transport / engine threads --------------------------------------------------------
 
     def _on_rank0_transfer(self, result: TransferResult) -> None:
         """Under TP: rank 0's part landed (or failed); commit only once every rank's has."""
+        assert self.aloop is not None  # set by reserve(), before any transfer is expected
         asyncio.run_coroutine_threadsafe(self._gather_ranks(result), self.aloop)
 
     async def _gather_ranks(self, own: TransferResult) -> None:
         rid = own.request_id
+        parts: list[PartReport | BaseException] = []
         if own.ok:
             replies = await asyncio.gather(*(f.kv_result.remote(rid) for f in self.followers),
                                            return_exceptions=True)
-            errors = follower_errors(replies)
-            if not errors:
-                self._on_transfer(dataclasses.replace(
-                    own, num_bytes=own.num_bytes + sum(r["num_bytes"] for r in replies)))
-                return
-            own = dataclasses.replace(own, ok=False, error=f"a TP rank's part: {errors[0]}")
-        for f in self.followers:
-            f.cancel_kv.remote(rid)
-        self._on_transfer(own)
+            parts = [r if isinstance(r, BaseException) else
+                     PartReport(r["ok"], r.get("num_bytes", 0), r.get("error"))
+                     for r in replies]
+        result = DecodeConnector.gather(own, parts)
+        if not result.ok:
+            for f in self.followers:
+                f.cancel_kv.remote(rid)
+        self._on_transfer(result)
 
     def _on_transfer(self, result: TransferResult) -> None:
         rid = result.request_id
-        if result.ok:
+        if result.ok and result.control is not None:
             self.metrics.transfer_bytes(self.transport, result.num_bytes)
             control = result.control
 
@@ -162,9 +160,11 @@ class DecodeWorker(WorkerBase):
             fut = self.loop.submit(lambda e: e.cancel_reservation(rid))
             self._push(rid, {"finished": True, "error": f"KV transfer failed: {result.error}",
                              "transfer_failed": True})
-        # An abort may have beaten us to the reservation: then there is nothing to do.
-        fut.add_done_callback(lambda f: f.exception() and log.debug(
-            "%s: %s after transfer: %s", self.worker_id, rid, f.exception()))
+        def settled(f: Future[None]) -> None:
+            # An abort may have beaten us to the reservation: then there is nothing to do.
+            if f.exception() is not None:
+                log.debug("%s: %s after transfer: %s", self.worker_id, rid, f.exception())
+        fut.add_done_callback(settled)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

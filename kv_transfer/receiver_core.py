@@ -284,7 +284,7 @@ class ReceiverCore:
         """Every byte of `part` landed and its END arrived. The transfer is reported ok once
         all its senders are done and agree on the control message. False if the transfer
         failed meanwhile (or fails now): the caller tells that sender."""
-        pt, error = part.pt, None
+        pt, error, merged = part.pt, None, None
         with pt.lock:
             part.control = control
             part.quiet.set()
@@ -293,14 +293,14 @@ class ReceiverCore:
             if pt.stop_reason is not None:
                 error = pt.stop_reason
             else:
-                done = [p for p in pt.parts if p.control is not None]
+                done = [p.control for p in pt.parts if p.control is not None]
                 if len(done) < pt.num_senders:
                     return True
-                control, error = merge_controls([p.control for p in done])
-        if error is not None:
+                merged, error = merge_controls(done)
+        if error is not None or merged is None:
             self.finish(pt, ok=False, error=error)
             return False
-        return self.finish(pt, ok=True, control=control,
+        return self.finish(pt, ok=True, control=merged,
                            num_bytes=sum(p.num_bytes for p in pt.parts))
 
     def part_failed(self, part: Part, error: str) -> bool:

@@ -162,7 +162,7 @@ class TcpReceiver(KVReceiver):
         if stage is None:
             stage = inc.extra["stage"] = self._staging.take(
                 self.pool.staging_shape(len(inc.dst), len(inc.heads)), self.pool.layout.dtype)
-        view = memoryview(stage.view(-1).view(torch.uint8).numpy())
+        view = stage.view(-1).view(torch.uint8).numpy().data
         for at in range(0, view.nbytes, _CHUNK):
             _arm(conn, inc)
             recv_into_exact(conn.sock, view[at : at + _CHUNK])
@@ -170,11 +170,11 @@ class TcpReceiver(KVReceiver):
 
     def _recv_run(self, sock: socket.socket, kv: int, layer: int, run: Run) -> None:
         if self.pool.device.type == "cpu":
-            recv_into_exact(sock, memoryview(self.pool.run(kv, layer, run.src, run.count)))
+            recv_into_exact(sock, self.pool.run(kv, layer, run.src, run.count).data)
             return
         dst = self.pool.run_tensor(kv, layer, run.src, run.count)
         host = torch.empty(dst.numel(), dtype=torch.uint8, pin_memory=True)
-        recv_into_exact(sock, memoryview(host.numpy()))
+        recv_into_exact(sock, host.numpy().data)
         dst.copy_(host)
 
     def _await_data(self, conn: Conn, inc: Incoming) -> None:

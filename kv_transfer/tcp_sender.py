@@ -254,17 +254,18 @@ class TcpSender(KVSender):
         if not request_ids:
             return
         payload = "\n".join(request_ids).encode()
-        pooled = self._take(address)
-        for conn in ([pooled] if pooled else []) + [None]:
-            conn = conn or self._connect(address)
+        conn = self._take(address)
+        while True:
+            pooled, conn = conn is not None, conn or self._connect(address)
             try:
                 conn.sock.settimeout(self.connect_timeout_s)
                 send_message(conn.sock, MsgKind.KEEPALIVE, self.pool.layout, payload=payload)
             except OSError as e:
                 self._discard(conn)
-                if conn is not pooled:
+                if not pooled:
                     raise TransferError(f"keepalive to {address}: {e}") from e
-                continue  # a pooled connection the receiver dropped: retry on a fresh one
+                conn = None  # a pooled connection the receiver dropped: retry on a fresh one
+                continue
             self._release(address, conn)
             return
 
@@ -277,9 +278,9 @@ class TcpSender(KVSender):
             raise ValueError(f"{len(src)} source blocks for {len(dst)} destination blocks")
         self._check_heads(heads)
         deadline = time.monotonic() + timeout_s
-        pooled = self._take(address)
-        for conn in ([pooled] if pooled else []) + [None]:
-            conn = conn or self._connect(address)
+        conn = self._take(address)
+        while True:
+            pooled, conn = conn is not None, conn or self._connect(address)
             try:
                 conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 send_message(conn.sock, MsgKind.BEGIN, self.pool.layout, request_id,
@@ -288,9 +289,9 @@ class TcpSender(KVSender):
                 break
             except (OSError, HeaderError) as e:
                 self._discard(conn)
-                if conn is not pooled:
+                if not pooled:
                     raise TransferError(f"opening {request_id} on {address}: {e}") from e
-                # A pooled connection the receiver dropped meanwhile: retry on a fresh one.
+                conn = None  # a pooled connection the receiver dropped: retry on a fresh one
         if header.kind == MsgKind.REFUSE:
             self._release(address, conn)
             raise refusal_error(*decode_refusal(payload))

@@ -94,6 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            worker_metrics_port=args.worker_metrics_port,
                            detached_workers=args.detached_workers, namespace=args.namespace,
                            router=RouterConfig(max_queue=args.max_queue,
+                                               kv_timeout_s=args.kv_timeout_s,
                                                api_keys_file=args.api_keys,
                                                tls_cert_file=args.tls_cert,
                                                tls_key_file=args.tls_key,
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pool-resources", action="store_true",
                     help="place pools on Ray nodes advertising the custom resources "
                          "pdserve_prefill / pdserve_decode / pdserve_colocated (KubeRay)")
+    up.add_argument("--kv-timeout-s", type=float, default=30.0,
+                    help="KV reservation lease: a decode worker frees blocks reserved for a "
+                         "prompt once its prefill side has been silent this long (a prefill "
+                         "that makes progress renews it)")
     up.add_argument("--drain-grace-s", type=float, default=30.0,
                     help="on SIGTERM/Ctrl-C: stop accepting, let in-flight requests finish "
                          "this long, then exit (rolling updates lose nothing)")

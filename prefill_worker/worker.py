@@ -3,13 +3,16 @@
 `prefill()` takes a prompt and the decode side's reservation (its receivers' addresses, one per
 decode TP rank, + block ids).
 The engine batches and chunks prompts as usual and reuses this worker's cached prefix blocks.
-In the step where a prompt's last chunk runs, a transfer session to the decode worker is
-opened before the forward pass and each layer's blocks are shipped as soon as that layer has
-written them (`LLMEngine.kv_layer_hook`), so the transfer overlaps the remaining layers. After
-the first token is sampled the control message (token count + first token) completes the
-transfer and the blocks are released (they stay here as evictable prefix cache). Under tensor
-parallelism on either side, each prefill rank ships the KV heads it holds straight to the
-decode ranks that own them (kv_transfer/shipment.py; ranks 1.. in worker_host/tp_follower.py).
+The KV goes through this rank's `PrefillConnector` (kv_transfer/prefill_connector.py): planned
+when the request arrives (its reservation's lease is renewed from then on), opened in the step
+where the prompt's last chunk runs, each layer shipped as soon as that layer has written it
+(`LLMEngine.kv_layer_hook`), so the transfer overlaps the remaining layers. After the first
+token is sampled the control message (token count + first token) completes the transfer off
+the engine thread, so the next step does not wait for it; once the receivers confirm, the
+blocks are released on the engine thread (they stay here as evictable prefix cache). Under
+tensor parallelism on either side, each prefill rank ships the KV heads it holds straight to
+the decode ranks that own them (ranks 1.. in worker_host/tp_follower.py, with the same
+connector).
 
 Results come back as plain dicts: first token and text, cached token count, and timings
 measured here (queued in this worker, prefill compute, transfer tail after compute).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +32,7 @@ from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVControl, KVPool, make_sender
-from kv_transfer.header import KVLayoutMismatch
-from kv_transfer.shipment import KVShipment, routes_for_rank
-from kv_transfer.transport import TransferError
+from kv_transfer.prefill_connector import TRANSFER_ERRORS, PrefillConnector, ShipResult
 from pdserve_api.sampling import SamplingParams
 from worker_host.actor import WorkerBase
 from worker_host.spec import WorkerSpec
@@ -42,15 +44,11 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Job:
     request_id: str
-    shipment: KVShipment
     future: Future = field(default_factory=Future)
     received: float = field(default_factory=time.monotonic)
     started: float | None = None  # first scheduled
     computed: float | None = None  # first token sampled
-
-    @property
-    def error(self) -> str | None:
-        return self.shipment.error
+    shipping: bool = False  # the KV transfer is completing off the engine thread
 
 
 class PrefillWorker(WorkerBase):
@@ -64,8 +62,10 @@ class PrefillWorker(WorkerBase):
         self.transport = type(self.sender).__name__.removesuffix("Sender").lower()
         log.info("%s: KV transport %s, %d KV blocks", self.worker_id, self.transport,
                  self.pool.num_blocks)
+        self.kv = PrefillConnector(self.sender, self.engine.model_config.num_kv_heads,
+                                   spec.tp_size, 0, spec.kv_timeout_s,
+                                   spec.fault_layer_delay_s, f"{self.worker_id}-kv")
         self.jobs: dict[str, _Job] = {}  # engine thread only
-        self.num_kv_heads = self.engine.model_config.num_kv_heads
         self.followers = list(spec.tp_followers)  # TP ranks 1..: they ship their own heads
         self.engine.kv_layer_hook = self._layer_hook
         self._start_loop()
@@ -83,7 +83,7 @@ class PrefillWorker(WorkerBase):
             for address in addresses:
                 try:
                     self.sender.connect(address)
-                except (TransferError, KVLayoutMismatch, OSError, ValueError) as e:
+                except TRANSFER_ERRORS as e:
                     errors[address] = str(e)
             return errors
         return await self.call(connect)
@@ -97,13 +97,14 @@ class PrefillWorker(WorkerBase):
         when a retry on another decode worker may succeed). Under TP the follower ranks ship
         their own heads (worker_host/tp_follower.py) and report before this returns."""
         try:
-            routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, 0, dst_addresses)
+            self.kv.plan(request_id, dst_addresses, dst_block_ids)
             await self.plan_followers(request_id, dst_addresses, dst_block_ids)
         except Exception as e:  # noqa: BLE001 - a follower refusing or dying: this request fails
+            self.kv.drop(request_id, "planning failed")
+            self.drop_followers(request_id)
             return {"error": f"planning the TP KV transfer: {type(e).__name__}: {e}",
                     "transfer_failed": True}
-        job = _Job(request_id, KVShipment(self.sender, request_id, routes, list(dst_block_ids),
-                                          self.spec.kv_timeout_s))
+        job = _Job(request_id)
 
         def start(engine: LLMEngine) -> None:
             engine.add_request(prompt_token_ids, SamplingParams(**sampling), request_id)
@@ -113,6 +114,7 @@ class PrefillWorker(WorkerBase):
             await self.call(start)
         except ValueError as e:  # invalid request: the router validated, so a bug or race
             log.warning("%s: prefill %s refused: %s", self.worker_id, request_id, e)
+            self.kv.drop(request_id, f"refused: {e}")
             self.drop_followers(request_id)
             return {"error": f"{type(e).__name__}: {e}", "transfer_failed": False}
         try:
@@ -155,67 +157,70 @@ class PrefillWorker(WorkerBase):
         return result
 
     def _integrity_extra(self) -> dict[str, Any]:
-        return {"jobs": sorted(self.jobs)}
+        return {"jobs": sorted({*self.jobs, *self.kv.planned()})}
 
     def _held_request_ids(self, e: LLMEngine) -> list[str]:
         return [*e.requests, *self.jobs]
 
     def shutdown(self) -> None:
         super().shutdown()
+        self.kv.close()
         self.sender.close()
 
     # ---- engine thread -------------------------------------------------------------------
 
     def _layer_hook(self, sched: SchedulerOutput):
+        """Open the transfers of the prompts whose last chunk runs in this step."""
         now = time.monotonic()
-        shipments: list[KVShipment] = []
+        finishing = []
         for req in sched.requests:
             job = self.jobs.get(req.request_id)
             if job is None:
                 continue
             if job.started is None:
                 job.started = now
-            finishing = (req.num_computed_tokens + sched.num_scheduled_tokens[req.request_id]
-                         >= req.num_prompt_tokens)
-            if finishing and not job.shipment.opened:
-                job.shipment.open(self.engine.kv_handoff(job.request_id).block_ids)
-                if job.error is None:
-                    shipments.append(job.shipment)
-        if not shipments:
-            return None
-
-        def on_layer(layer: int) -> None:
-            if self.spec.fault_layer_delay_s:
-                time.sleep(self.spec.fault_layer_delay_s)
-            for shipment in shipments:
-                shipment.send_layer(layer)
-        return on_layer
+            if (req.num_computed_tokens + sched.num_scheduled_tokens[req.request_id]
+                    >= req.num_prompt_tokens):
+                finishing.append((job.request_id,
+                                  self.engine.kv_handoff(job.request_id).block_ids))
+        return self.kv.begin_step(finishing) if finishing else None
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             job = self.jobs.get(out.request_id)
-            if job is None or not out.finished:
+            if job is None or not out.finished or job.shipping:
                 continue
             job.computed = time.monotonic()
             if out.finish_reason == "prefilled":
-                self._complete(job, out)
+                handoff = self.engine.kv_handoff(job.request_id)
+                control = KVControl(job.request_id, handoff.num_computed_tokens,
+                                    (out.new_token_ids[0],))
+                job.shipping = True
+                self.kv.finish(job.request_id, control, self._on_shipped(job, out))
             else:  # stop/length on the first token, or aborted: nothing goes to decode
-                job.shipment.fail(f"request finished at prefill ({out.finish_reason})")
+                self.kv.drop(job.request_id, f"request finished at prefill ({out.finish_reason})")
                 self._resolve(job, out, finished=True, error=None)
 
-    def _complete(self, job: _Job, out: RequestOutput) -> None:
-        handoff = self.engine.kv_handoff(job.request_id)
-        job.shipment.finish(KVControl(job.request_id, handoff.num_computed_tokens,
-                                      (out.new_token_ids[0],)))
-        transfer_s = time.monotonic() - job.computed
-        self.metrics.transfer_bytes(self.transport, job.shipment.num_bytes)
-        self.engine.release(job.request_id)
-        self._resolve(job, out, finished=False, transfer_s=transfer_s, error=job.error)
+    def _on_shipped(self, job: _Job, out: RequestOutput) -> Callable[[ShipResult], None]:
+        def shipped(result: ShipResult) -> None:
+            """A finisher thread: the transfer is over. Release the blocks on the engine
+            thread, then answer."""
+            self.metrics.transfer_bytes(self.transport, result.num_bytes)
+
+            def release(engine: LLMEngine) -> None:
+                try:
+                    engine.release(job.request_id)
+                finally:
+                    self._resolve(job, out, finished=False, transfer_s=result.transfer_s,
+                                  error=result.error)
+            self.loop.submit(release)
+        return shipped
 
     def _resolve(self, job: _Job, out: RequestOutput, finished: bool,
                  transfer_s: float = 0.0, error: str | None = None) -> None:
         self.jobs.pop(job.request_id, None)
-        started = job.started if job.started is not None else job.computed
+        computed = job.computed if job.computed is not None else time.monotonic()
+        started = job.started if job.started is not None else computed
         result = {
             "worker_id": self.worker_id,
             "token_ids": list(out.new_token_ids),
@@ -225,7 +230,7 @@ class PrefillWorker(WorkerBase):
             "num_prompt_tokens": out.num_prompt_tokens,
             "num_cached_tokens": out.num_cached_tokens,
             "queued_s": started - job.received,
-            "prefill_s": job.computed - started,
+            "prefill_s": computed - started,
             "transfer_s": transfer_s,
             "error": error,
             "transfer_failed": error is not None,
@@ -235,10 +240,12 @@ class PrefillWorker(WorkerBase):
             job.future.set_result(result)
 
     def _abort(self, engine: LLMEngine, request_id: str, reason: str) -> bool:
-        job = self.jobs.pop(request_id, None)
-        if job is not None:
-            job.shipment.fail(reason)
-            if not job.future.done():
-                job.future.set_result({"worker_id": self.worker_id, "error": reason,
-                                       "transfer_failed": False, "aborted": True})
+        job = self.jobs.get(request_id)
+        if job is not None and not job.future.done():
+            job.future.set_result({"worker_id": self.worker_id, "error": reason,
+                                   "transfer_failed": False, "aborted": True})
+        if job is not None and job.shipping:  # completing off this thread: blocks go after
+            return True
+        self.jobs.pop(request_id, None)
+        self.kv.drop(request_id, reason)
         return engine.abort(request_id) or job is not None

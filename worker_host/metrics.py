@@ -7,6 +7,8 @@ request and never its SLO.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -67,7 +69,7 @@ class WorkerMetrics:
                                  "Bytes the C heap has allocated and not freed (glibc)",
                                  labels, registry=r).labels(*self._labels)
         self.heap_in_use.set_function(_heap_in_use_bytes)
-        self._server = None
+        self._server: Any = None  # prometheus_client's WSGIServer once serving
         self.port = 0
 
     def transfer_bytes(self, transport: str, n: int) -> None:

@@ -23,7 +23,9 @@ class WorkerSpec:
     redis_url: str | None = field(default=None, repr=False)
     heartbeat_s: float = 1.0  # index registration heartbeat
     ttl_s: float = 5.0  # index registration lifetime without heartbeats
-    kv_timeout_s: float = 30.0  # a reservation not filled by then is freed
+    # KV reservation lease (`pdserve up --kv-timeout-s`): decode frees blocks reserved for a
+    # prompt once the prefill side has been silent this long; prefill renews every third.
+    kv_timeout_s: float = 30.0
     # Fault injection (tests): prefill sleeps this long before shipping each layer, so that a
     # peer can be killed while a transfer is in flight.
     fault_layer_delay_s: float = 0.0

@@ -6,10 +6,11 @@ ranks 1..N-1 are TPFollowerWorker actors that hold their shards and run what ran
 (engine/tp_engine.py). All N join one torch.distributed group at `WorkerSpec.tp_init_method`,
 picked by the launcher with `rendezvous_address` on rank 0's node.
 
-KV transfer is rank to rank: a prefill follower ships the KV heads it holds to the decode
-ranks that own them (`plan_send`, then its step's layer hook), a decode follower receives its
-own heads (`expect_kv`, `kv_result`); rank 0 of each side drives them by Ray calls per request
-(prefill_worker/worker.py, decode_worker/worker.py).
+KV transfer is rank to rank, through the same connectors rank 0 uses: a prefill follower's
+`PrefillConnector` ships the KV heads it holds to the decode ranks that own them (`plan_send`,
+then its step's layer hook; the completion runs off the stepping thread), a decode follower's
+`DecodeConnector` receives its own heads (`expect_kv`, `kv_result`); rank 0 of each side
+drives them by Ray calls per request (prefill_worker/worker.py, decode_worker/worker.py).
 
 A group is replaced as a whole, never repaired: a rank whose group fails exits (the peers'
 collectives fail at once, so they exit too), the router sees rank 0 or a follower dead, kills
@@ -23,14 +24,15 @@ import logging
 import os
 import socket
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from engine.config import EngineMode
 from engine.model_runner import StepInputs
 from engine.tp_engine import TPError, TPFollower
-from kv_transfer import KVControl, KVPool, PendingTransfer, make_receiver, make_sender
-from kv_transfer.shipment import KVShipment, routes_for_rank
+from kv_transfer import KVControl, KVPool, make_receiver, make_sender
+from kv_transfer.decode_connector import DecodeConnector
+from kv_transfer.prefill_connector import PrefillConnector, ShipResult
 from worker_host.engine_loop import TP_FAILED_EXIT_CODE
 from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
@@ -64,19 +66,23 @@ class TPFollowerWorker:
                                    self._layer_hook if self.mode == EngineMode.PREFILL else None)
         runner = self.follower.runner
         self.pool = KVPool.from_runner(runner, config, spec.model_id)
-        self.num_kv_heads = runner.cfg.num_kv_heads
-        self.receiver = self.sender = None
+        num_kv_heads = runner.cfg.num_kv_heads
+        self.receiving: DecodeConnector | None = None
+        self.shipping: PrefillConnector | None = None
         if self.mode == EngineMode.DECODE:
-            self.receiver = make_receiver(spec.transport, self.pool, host=node_host(),
-                                          secret=spec.cluster_secret)
-            self.pending: dict[str, PendingTransfer] = {}
+            self.receiving = DecodeConnector(
+                make_receiver(spec.transport, self.pool, host=node_host(),
+                              secret=spec.cluster_secret),
+                num_kv_heads, spec.tp_size, spec.tp_rank, spec.kv_timeout_s)
         elif self.mode == EngineMode.PREFILL:
-            self.sender = make_sender(spec.transport, self.pool, secret=spec.cluster_secret)
-            self._lock = threading.Lock()
-            self.shipments: dict[str, tuple[KVShipment, Future]] = {}
-            # Sessions finish off the stepping thread: a receiver confirms only once every
-            # rank's part has landed, and rank 0's needs a step this rank takes part in.
-            self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_id}-kv")
+            # Completions run on the connector's threads, off the stepping thread: a receiver
+            # confirms only once every rank's part has landed, and rank 0's needs a step this
+            # rank takes part in.
+            self.shipping = PrefillConnector(
+                make_sender(spec.transport, self.pool, secret=spec.cluster_secret),
+                num_kv_heads, spec.tp_size, spec.tp_rank, spec.kv_timeout_s,
+                spec.fault_layer_delay_s, f"{self.worker_id}-kv")
+            self.shipped: dict[str, Future[ShipResult]] = {}
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"{self.worker_id}-tp",
                                         daemon=True)
@@ -96,7 +102,7 @@ class TPFollowerWorker:
     def ready(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "tp_rank": self.spec.tp_rank,
                 "num_blocks": self.follower.runner.num_blocks, "pid": os.getpid(),
-                "address": self.receiver.address if self.receiver is not None else None}
+                "address": self.receiving.address if self.receiving is not None else None}
 
     def alive(self) -> dict[str, Any]:
         """Heartbeat: answered off the stepping thread (it may be blocked in a collective)."""
@@ -107,85 +113,73 @@ class TPFollowerWorker:
 
     def expect_kv(self, request_id: str, block_ids: list[int], num_senders: int,
                   timeout_s: float) -> None:
-        self.pending[request_id] = self.receiver.expect(request_id, block_ids, None, timeout_s,
-                                                        num_senders)
+        """Rank 0 reserved blocks (the same ids here) for a prefill worker whose TP size makes
+        `num_senders` sessions to this rank."""
+        assert self.receiving is not None
+        self.receiving.expect(request_id, block_ids, num_senders, lease_s=timeout_s)
 
     async def kv_result(self, request_id: str) -> dict[str, Any]:
-        """This rank's part of a transfer, once it is over (ok, failed, cancelled or timed
-        out: the receiver reports by its deadline)."""
-        pending = self.pending.get(request_id)
-        if pending is None:
-            return {"ok": False, "error": f"{self.worker_id}: no transfer {request_id} expected"}
-        result = await asyncio.to_thread(pending.wait, pending.remaining + 5.0)
-        self.pending.pop(request_id, None)
-        if result is None:
-            self.receiver.cancel(request_id)
-            return {"ok": False, "error": f"{self.worker_id}: no result by the deadline"}
-        return {"ok": result.ok, "num_bytes": result.num_bytes,
-                "error": None if result.ok else result.error or "the transfer failed"}
+        """This rank's part of a transfer, once it is over (ok, failed, cancelled or its
+        lease ran out: the receiver reports by the end of the lease)."""
+        assert self.receiving is not None
+        report = await asyncio.to_thread(self.receiving.part, request_id)
+        return {"ok": report.ok, "num_bytes": report.num_bytes,
+                "error": None if report.ok else f"{self.worker_id}: {report.error}"}
 
     def cancel_kv(self, request_id: str) -> None:
-        self.receiver.cancel(request_id)
-        self.pending.pop(request_id, None)
+        assert self.receiving is not None
+        self.receiving.cancel(request_id)
 
     # ---- prefill side: ship this rank's heads --------------------------------------------
 
     def plan_send(self, request_id: str, dst_addresses: list[str],
                   dst_block_ids: list[int]) -> None:
         """Before rank 0 schedules the request: where this rank's heads go."""
-        routes = routes_for_rank(self.num_kv_heads, self.spec.tp_size, self.spec.tp_rank,
-                                 dst_addresses)
-        shipment = KVShipment(self.sender, request_id, routes, list(dst_block_ids),
-                              self.spec.kv_timeout_s)
-        with self._lock:
-            self.shipments[request_id] = (shipment, Future())
+        assert self.shipping is not None
+        self.shipped[request_id] = Future()
+        self.shipping.plan(request_id, dst_addresses, dst_block_ids)
 
     def drop_send(self, request_id: str) -> None:
         """Rank 0 gave up on the request (finished at prefill, aborted, failed)."""
-        with self._lock:
-            entry = self.shipments.pop(request_id, None)
-        if entry is not None:
-            entry[0].fail("dropped by rank 0")
+        assert self.shipping is not None
+        self.shipping.drop(request_id, "dropped by rank 0")
+        self.shipped.pop(request_id, None)
 
     async def send_result(self, request_id: str) -> dict[str, Any]:
-        with self._lock:
-            entry = self.shipments.get(request_id)
-        if entry is None:
+        assert self.shipping is not None
+        done = self.shipped.get(request_id)
+        if done is None:
             return {"error": f"{self.worker_id}: no shipment for {request_id}"}
-        shipment, done = entry
         try:
-            await asyncio.wait_for(asyncio.wrap_future(done), self.spec.kv_timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(done), self.spec.kv_timeout_s)
         except asyncio.TimeoutError:
-            shipment.fail("timed out")
-        with self._lock:
-            self.shipments.pop(request_id, None)
-        return {"error": shipment.error, "num_bytes": shipment.num_bytes}
+            self.shipping.drop(request_id, "timed out")
+            return {"error": f"{self.worker_id}: no transfer result {self.spec.kv_timeout_s:g} "
+                             "s after rank 0's", "num_bytes": 0}
+        finally:
+            self.shipped.pop(request_id, None)
+        return {"error": result.error, "num_bytes": result.num_bytes}
 
     def _layer_hook(self, inputs: StepInputs):
-        """Open the shipments of the prompts that complete in this step; send each layer as
-        it is written; finish them once the step's last layer is out."""
-        finishing = []
-        with self._lock:
-            for rid in inputs.sampled_request_ids:
-                entry = self.shipments.get(rid)
-                if entry is not None and not entry[0].opened:
-                    finishing.append((rid, *entry))
-        if not finishing:
+        """Open the transfers of the prompts that complete in this step, ship each layer as
+        it is written, and finish them once the step's last layer is queued."""
+        assert self.shipping is not None
+        kv = self.shipping
+        prompts = {rid: prefill_blocks(inputs, rid, self.pool.layout.block_size)
+                   for rid in inputs.sampled_request_ids if rid in self.shipped}
+        on_layer = kv.begin_step([(rid, blocks) for rid, (blocks, _) in prompts.items()])
+        if on_layer is None:
             return None
-        controls = []
-        for rid, shipment, _ in finishing:
-            blocks, num_tokens = prefill_blocks(inputs, rid, self.pool.layout.block_size)
-            shipment.open(blocks)
-            controls.append(KVControl(rid, num_tokens))  # rank 0 alone has the sampled token
         last = self.pool.layout.num_layers - 1
 
-        def on_layer(layer: int) -> None:
-            for _, shipment, _ in finishing:
-                shipment.send_layer(layer)
+        def ship(layer: int) -> None:
+            on_layer(layer)
             if layer == last:
-                for (_, shipment, done), control in zip(finishing, controls):
-                    self._finisher.submit(_finish, shipment, control, done)
-        return on_layer
+                for rid, (_, num_tokens) in prompts.items():
+                    done = self.shipped.get(rid)
+                    if done is not None:  # rank 0 alone has the sampled token
+                        kv.finish(rid, KVControl(rid, num_tokens), _settle(done))
+        return ship
 
 
 def follower_errors(replies: list[Any]) -> list[str]:
@@ -195,11 +189,11 @@ def follower_errors(replies: list[Any]) -> list[str]:
             for r in replies if isinstance(r, BaseException) or r.get("error")]
 
 
-def _finish(shipment: KVShipment, control: KVControl, done: Future) -> None:
-    try:
-        shipment.finish(control)
-    finally:
-        done.set_result(None)
+def _settle(done: Future[ShipResult]):
+    def settle(result: ShipResult) -> None:
+        if not done.done():
+            done.set_result(result)
+    return settle
 
 
 def prefill_blocks(inputs: StepInputs, request_id: str, block_size: int) -> tuple[list[int], int]:
