@@ -24,7 +24,8 @@ never waits for an earlier request's transfer tail. The owner keeps the request'
 `on_done` (the sender reads them until then) and releases them on its engine thread.
 
 Lease: from `plan` until the request is reported, a keepalive thread renews the reservation
-at every receiver of the request every `lease_s / 3` (each layer sent renews it as well), so
+at every receiver of the request at once and then every `lease_s / 3` (each layer sent renews
+it as well), so
 a prefill that queues or computes for longer than the lease keeps it; a dead prefill stops
 renewing and the decode side frees the blocks one lease later.
 """
@@ -120,6 +121,7 @@ class PrefillConnector:
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._renew_now = threading.Event()
         self._finishers = ThreadPoolExecutor(FINISHER_THREADS,
                                              thread_name_prefix=f"{name}-finish")
         self._shipper = threading.Thread(target=self._ship_loop, name=f"{name}-ship",
@@ -141,6 +143,7 @@ class PrefillConnector:
             if request_id in self._jobs:
                 raise ValueError(f"request {request_id!r} is already planned here")
             self._jobs[request_id] = job
+        self._renew_now.set()  # the first renewal at once: the reservation's clock runs
 
     def drop(self, request_id: str, reason: str) -> None:
         """Give up on the request: its open sessions are aborted (the decode side frees the
@@ -204,6 +207,7 @@ class PrefillConnector:
 
     def close(self) -> None:
         self._stop.set()
+        self._renew_now.set()
         self._work.put(None)
         self._shipper.join(5.0)
         self._finishers.shutdown(wait=False, cancel_futures=True)
@@ -285,7 +289,9 @@ class PrefillConnector:
     # ---- keepalive thread ----------------------------------------------------------------
 
     def _keepalive_loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while not self._stop.is_set():
+            self._renew_now.wait(self.lease_s / 3)
+            self._renew_now.clear()
             by_address: dict[str, list[str]] = {}
             with self._lock:
                 for job in self._jobs.values():  # open sessions renew by their layers too

@@ -436,6 +436,19 @@ def test_peer_killed_mid_transfer_is_retried_without_leaks(victim, model_dir, ra
         wait_idle(cluster)
 
 
+def test_prefill_slower_than_the_kv_lease_still_completes(model_dir, ray_session):
+    """Shipping each of the model's layers takes 1.5 KV leases: the reservation lives on
+    because the prefill side renews it (a fixed deadline from the reservation expired)."""
+    with make_cluster(model_dir, 1, 1, start_redis=False, fault_layer_delay_s=3.0,
+                      router=RouterConfig(kv_timeout_s=2.0)) as cluster:
+        tokens = list(range(3, 60))
+        with GenerateClient(cluster.address) as client:
+            result = client.generate(build_generate_request(token_ids=tokens, sampling=GREEDY))
+        assert result.token_ids == colocated(model_dir, [tokens])[0]
+        assert result.final.retries == 0
+        wait_idle(cluster)
+
+
 def test_redis_stopped_and_restarted_cluster_keeps_serving(model_dir, ray_session, tmp_path):
     port, proc = start_redis_server(tmp_path / "redis")
     cluster = make_cluster(model_dir, 2, 1, redis_url=f"redis://127.0.0.1:{port}/0",
