@@ -67,7 +67,7 @@ from kv_transfer import (
     make_sender,
     plan_head_routes,
 )
-from kv_transfer.ucx import SAFE_OPTIONS, UcxConfig
+from kv_transfer.ucx_context import SAFE_OPTIONS, UcxConfig
 from loadgen.report import write_json
 
 LAYOUT = KVLayout("SmolLM2-135M-Instruct", torch.float32, block_size=16, num_layers=30,
