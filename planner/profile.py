@@ -186,7 +186,7 @@ class _Sweep:
                     ids, ys = list(range(n)), []
                     for r in range(self.grid.repeats + 1):  # the first opens the connection
                         rid = f"profile-{kind}-{n}-{r}"
-                        pending = rx.expect(rid, ids, timeout_s=60)
+                        pending = rx.expect(rid, ids, lease_s=60)
                         t0 = time.perf_counter()
                         tx.send(rx.address, KVControl(rid, n * self.bs), ids, ids, 60)
                         result = pending.wait(60)
