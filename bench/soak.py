@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         pids, metrics = {"router+driver": os.getpid()}, {}
         for wid, actor in [*cluster.prefill.items(), *cluster.decode.items()]:
             info = ray.get(actor.ready.remote())
-            pids[wid], metrics[wid] = info["pid"], info["metrics"]
+            pids[wid], metrics[wid] = info.pid, info.metrics
         if cluster._redis_proc is not None:
             pids["redis-server"] = cluster._redis_proc.pid
 

@@ -6,14 +6,11 @@ actor behind the same router. It is the baseline disaggregation is measured agai
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
-from engine.scheduler import SchedulerOutput
-from pdserve_api.sampling import SamplingParams
-from worker_host.actor import WorkerBase
+from pdserve_api.worker_protocol import ColocatedRequest, RefusalReason, Refused
+from worker_host.actor import WorkerBase, prefill_timing
 from worker_host.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -25,56 +22,38 @@ class ColocatedWorker(WorkerBase):
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
-        self.timing: dict[str, list[float | None]] = {}  # engine thread: received, scheduled
-        self.engine.kv_layer_hook = self._note_scheduled
         self._start_loop()
 
-    def _ready_extra(self) -> dict[str, Any]:
-        return {"transport": "none"}
-
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling: dict[str, Any]) -> dict[str, Any] | None:
-        """Start the request: None, or an item with `error` if refused. Its token deltas come
-        from `next_items`: the first carries queued_s/prefill_s measured here, the last has
-        `finished`."""
-        self._open_stream(request_id)
+    async def generate(self, req: ColocatedRequest) -> Refused | None:
+        """Start the request: None, or Refused. Its token deltas come from `next_items`: the
+        one with the first token carries the prefill's timing, the last is FINISHED."""
+        self._open_stream(req.request_id)
 
         def start(e: LLMEngine) -> None:
-            e.add_request(prompt_token_ids, SamplingParams(**sampling), request_id)
-            self.timing[request_id] = [time.monotonic(), None]
+            self._refuse_if_aborted(req.request_id)
+            e.add_request(req.prompt_token_ids, req.sampling, req.request_id)
 
         try:
             await self.call(start)
         except ValueError as e:  # the router validated: a bug or a request id reused
-            log.warning("%s: request %s refused: %s", self.worker_id, request_id, e)
-            self.streams.pop(request_id, None)
-            return {"finished": True, "error": f"{type(e).__name__}: {e}"}
+            log.warning("%s: request %s refused: %s", self.worker_id, req.request_id, e)
+            self.streams.pop(req.request_id, None)
+            return Refused(RefusalReason.ERROR, f"{type(e).__name__}: {e}")
         return None
 
     async def abort(self, request_id: str) -> bool:
-        found = await self.call(lambda e: e.abort(request_id))
-        self._push(request_id, {"finished": True, "finish_reason": "abort", "token_ids": [],
-                                "text": ""})
+        def abort(e: LLMEngine) -> bool:
+            if e.abort(request_id):
+                return True
+            self._note_aborted_early(request_id)
+            return False
+
+        found = await self.call(abort)
+        self._push(request_id, self._aborted())
         return found
 
-    def _note_scheduled(self, sched: SchedulerOutput) -> None:
-        now = time.monotonic()
-        for req in sched.requests:
-            t = self.timing.get(req.request_id)
-            if t is not None and t[1] is None:
-                t[1] = now
-
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
         for out in outputs:
-            item = self._item(out)
-            t = self.timing.get(out.request_id)
-            if t is not None and len(t) == 2 and out.new_token_ids:  # the first token
-                scheduled = t[1] if t[1] is not None else now
-                item.update(queued_s=scheduled - t[0], prefill_s=now - scheduled)
-                t.append(now)  # first token time, for decode_s
-            if out.finished:
-                t = self.timing.pop(out.request_id, None)
-                if t is not None and len(t) > 2:
-                    item["decode_s"] = now - t[2]
-            self._push(out.request_id, item)
+            first = out.num_output_tokens == 1 and bool(out.new_token_ids)
+            self._push(out.request_id,
+                       self._item(out, prefill_timing(out) if first else None))

@@ -8,7 +8,9 @@ completes the request joins the continuous batch (`commit_kv`); when it fails or
 side goes silent for a lease the reservation is freed (`cancel_reservation`). Under TP every
 rank receives its own heads and rank 0 commits once the connector has merged their parts.
 `next_items()` (a long poll, worker_host/actor.py) returns the request's token deltas; the
-last item carries the finish reason and the decode time measured here.
+last item carries the finish reason and the decode time (KV arrival to finish, from the
+engine's stamps). An `abort` at any moment (before, during or after the reservation) frees
+whatever the request holds here. Messages: pdserve_api/worker_protocol.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Future
-from typing import Any
 
 import ray
 
@@ -25,7 +26,17 @@ from engine.config import EngineMode
 from engine.engine import LLMEngine, NoKVSpaceError, RequestOutput
 from kv_transfer import KVPool, TransferResult, make_receiver
 from kv_transfer.decode_connector import DecodeConnector, PartReport
-from pdserve_api.sampling import SamplingParams
+from pdserve_api.worker_protocol import (
+    ExpectKV,
+    FollowerReady,
+    RankTransfer,
+    RefusalReason,
+    Refused,
+    Reservation,
+    ReserveRequest,
+    StreamItem,
+    StreamKind,
+)
 from worker_host.actor import WorkerBase
 from worker_host.spec import WorkerSpec, node_host
 
@@ -42,38 +53,38 @@ class DecodeWorker(WorkerBase):
                                  secret=spec.cluster_secret)
         self.kv = DecodeConnector(receiver, self.engine.model_config.num_kv_heads,
                                   spec.tp_size, 0, spec.kv_timeout_s)
-        self.transport = type(receiver).__name__.removesuffix("Receiver").lower()
+        self.transport: str = type(receiver).__name__.removesuffix("Receiver").lower()
         log.info("%s: KV receiver %s (%s), %d KV blocks", self.worker_id, self.kv.address,
                  self.transport, self.pool.num_blocks)
-        self.kv_arrived: dict[str, float] = {}  # engine thread only
         # TP ranks 1..: each receives its own heads; rank 0 commits once all have landed.
         self.followers = list(spec.tp_followers)
         self.addresses = [self.kv.address]
         if self.followers:  # constructed before this rank: their receivers are up
-            self.addresses += [info["address"] for info in ray.get(
-                [f.ready.remote() for f in self.followers], timeout=600)]
+            ready: list[FollowerReady] = ray.get([f.ready.remote() for f in self.followers],
+                                                 timeout=600)
+            self.addresses += [info.kv_address for info in ready if info.kv_address]
         self._start_loop()
 
     # ---- actor methods ---------------------------------------------------------------------
 
-    def _ready_extra(self) -> dict[str, Any]:
-        return {"transport": self.transport, "address": self.kv.address,
-                "addresses": self.addresses, "tp_size": self.spec.tp_size}
+    def _kv_addresses(self) -> list[str]:
+        return list(self.addresses)
 
-    async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      sampling: dict[str, Any], timeout_s: float | None = None,
-                      src_tp: int = 1) -> dict[str, Any]:
+    async def reserve(self, req: ReserveRequest) -> Reservation | Refused:
         """Reserve blocks for the prompt's KV, to come from a prefill worker of TP size
-        src_tp. Returns {addresses (receivers by TP rank), block_ids, free_blocks,
-        num_running}, or {error: "no_kv_space" | message, ...} (nothing is held then)."""
+        req.src_tp; or Refused (NO_KV_SPACE: try elsewhere or later), holding nothing."""
+        request_id, src_tp = req.request_id, req.src_tp
         self._open_stream(request_id)
-        lease = timeout_s or self.spec.kv_timeout_s
+        lease = req.kv_timeout_s or self.spec.kv_timeout_s
         on_done = self._on_rank0_transfer if self.followers else self._on_transfer
 
         def reserve(e: LLMEngine) -> list[int]:
+            if self.spec.fault_reserve_delay_s:
+                time.sleep(self.spec.fault_reserve_delay_s)
+            self._refuse_if_aborted(request_id)
             senders = self.kv.senders(src_tp)
-            rid, ids = e.reserve_kv(prompt_token_ids, len(prompt_token_ids),
-                                    SamplingParams(**sampling), request_id)
+            rid, ids = e.reserve_kv(req.prompt_token_ids, len(req.prompt_token_ids),
+                                    req.sampling, request_id)
             try:
                 self.kv.expect(rid, ids, senders[0], on_done, lease)
             except Exception:
@@ -85,38 +96,42 @@ class DecodeWorker(WorkerBase):
             ids = await self.call(reserve)
         except NoKVSpaceError as e:
             self.streams.pop(request_id, None)
-            return {"error": "no_kv_space", "message": str(e), **self._load()}
+            return Refused(RefusalReason.NO_KV_SPACE, str(e), self._load())
         except (ValueError, RuntimeError) as e:  # e.g. a request id in use, receiver closed
             log.warning("%s: reserve %s failed: %s", self.worker_id, request_id, e)
             self.streams.pop(request_id, None)
-            return {"error": f"{type(e).__name__}: {e}", **self._load()}
+            return Refused(RefusalReason.ERROR, f"{type(e).__name__}: {e}", self._load())
         if self.followers:
             try:
-                await asyncio.gather(*(f.expect_kv.remote(request_id, ids, n, lease) for f, n
-                                       in zip(self.followers, self.kv.senders(src_tp)[1:])))
+                await asyncio.gather(*(f.expect_kv.remote(ExpectKV(request_id, ids, n, lease))
+                                       for f, n in zip(self.followers,
+                                                       self.kv.senders(src_tp)[1:])))
             except Exception as e:  # noqa: BLE001 - a dead rank: nothing may stay reserved
                 await self.abort(request_id)
                 self.streams.pop(request_id, None)
-                return {"error": f"a TP rank could not expect the KV: {e}", **self._load()}
-        return {"addresses": self.addresses, "block_ids": ids, **self._load()}
+                return Refused(RefusalReason.ERROR, f"a TP rank could not expect the KV: {e}",
+                               self._load())
+        return Reservation(addresses=list(self.addresses), block_ids=ids, load=self._load())
 
     async def abort(self, request_id: str) -> bool:
-        """Client cancel / router failure: stop the request wherever it is, free its blocks."""
-        if self.kv.cancel(request_id):  # still waiting for KV: _on_transfer frees it
-            return True
-
+        """Client cancel / router failure: stop the request wherever it is and free its
+        blocks, within one engine step. On the engine thread, so that it runs after a
+        `reserve` of the same id already submitted there (a cancel during the reservation);
+        one that comes first leaves a mark that makes the reservation refuse."""
         def abort(e: LLMEngine) -> bool:
+            if self.kv.cancel(request_id):  # waiting for KV: _on_transfer frees it
+                return True
             if e.abort(request_id):
                 return True
             try:  # reserved, transfer reported done but not yet committed
                 e.cancel_reservation(request_id)
                 return True
             except KeyError:
+                self._note_aborted_early(request_id)
                 return False
 
         found = await self.call(abort)
-        self._push(request_id, {"finished": True, "finish_reason": "abort", "token_ids": [],
-                                "text": ""})
+        self._end_stream(request_id)
         return found
 
     def shutdown(self) -> None:
@@ -134,11 +149,10 @@ class DecodeWorker(WorkerBase):
         rid = own.request_id
         parts: list[PartReport | BaseException] = []
         if own.ok:
-            replies = await asyncio.gather(*(f.kv_result.remote(rid) for f in self.followers),
-                                           return_exceptions=True)
+            replies: list[RankTransfer | BaseException] = await asyncio.gather(
+                *(f.kv_result.remote(rid) for f in self.followers), return_exceptions=True)
             parts = [r if isinstance(r, BaseException) else
-                     PartReport(r["ok"], r.get("num_bytes", 0), r.get("error"))
-                     for r in replies]
+                     PartReport(r.error is None, r.num_bytes, r.error) for r in replies]
         result = DecodeConnector.gather(own, parts)
         if not result.ok:
             for f in self.followers:
@@ -152,14 +166,13 @@ class DecodeWorker(WorkerBase):
             control = result.control
 
             def commit(e: LLMEngine) -> None:
-                self.kv_arrived[rid] = time.monotonic()
                 e.commit_kv(rid, control.num_computed_tokens, control.output_token_ids)
 
             fut = self.loop.submit(commit)
         else:
             fut = self.loop.submit(lambda e: e.cancel_reservation(rid))
-            self._push(rid, {"finished": True, "error": f"KV transfer failed: {result.error}",
-                             "transfer_failed": True})
+            self._push(rid, StreamItem(StreamKind.ERROR,
+                                       error=f"KV transfer failed: {result.error}"))
         def settled(f: Future[None]) -> None:
             # An abort may have beaten us to the reservation: then there is nothing to do.
             if f.exception() is not None:
@@ -167,10 +180,5 @@ class DecodeWorker(WorkerBase):
         fut.add_done_callback(settled)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
         for out in outputs:
-            item = self._item(out)
-            if out.finished:
-                arrived = self.kv_arrived.pop(out.request_id, None)
-                item["decode_s"] = now - arrived if arrived is not None else 0.0
-            self._push(out.request_id, item)
+            self._push(out.request_id, self._item(out))

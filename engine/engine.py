@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.tp_engine import TPDriverRunner
 from pdserve_api.errors import ConfigError, InvalidRequestError
 from pdserve_api.sampling import SamplingParams
+from pdserve_api.validation import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    # The request's stamps (engine/request.py), so workers report queued / prefill / decode
+    # times from the engine's own clock readings, also once the request is forgotten here.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 @dataclass
@@ -186,16 +193,8 @@ class LLMEngine:
         return list(cast("Sequence[int]", prompt))
 
     def _validate(self, token_ids: list[int], sampling: SamplingParams) -> None:
-        if not token_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
-                f"(max_model_len {self.max_model_len} leaves room for one output token)")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        check_prompt(token_ids, vocab_size=self.model_config.vocab_size,
+                     max_model_len=self.max_model_len)
         if sampling.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; use stop_token_ids")
 
@@ -261,6 +260,8 @@ class LLMEngine:
 
     def _append_token(self, req: Request, token: int, logprob) -> RequestOutput:
         req.token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         stream = self.streams[req.request_id]
         reason = self._stop_reason(req, token)
         if stream.detok is not None:
@@ -269,7 +270,10 @@ class LLMEngine:
                 stream.detok.flush()  # release a held-back partial character at the end
         out = RequestOutput(req.request_id, [token], logprobs=[logprob] if logprob else [],
                             num_prompt_tokens=req.num_prompt_tokens,
-                            num_cached_tokens=req.num_cached_tokens)
+                            num_cached_tokens=req.num_cached_tokens,
+                            arrival_time=req.arrival_time,
+                            first_scheduled_time=req.first_scheduled_time,
+                            first_token_time=req.first_token_time)
         if stream.detok is not None:
             full = stream.detok.text
             end, stopped = self._visible_end(full, req.sampling.stop, reason is not None)
@@ -323,7 +327,10 @@ class LLMEngine:
         return RequestOutput(req.request_id, finished=True, finish_reason=reason,
                              num_prompt_tokens=req.num_prompt_tokens,
                              num_cached_tokens=req.num_cached_tokens,
-                             num_output_tokens=req.num_output_tokens)
+                             num_output_tokens=req.num_output_tokens,
+                             arrival_time=req.arrival_time,
+                             first_scheduled_time=req.first_scheduled_time,
+                             first_token_time=req.first_token_time)
 
     # ---- KV export (prefill mode) / import (decode mode) -----------------------------------
 
@@ -393,6 +400,7 @@ class LLMEngine:
         the prefill side already produced (its first token)."""
         req = self._held(request_id)
         req.num_computed_tokens = num_computed_tokens
+        req.first_token_time = time.monotonic()  # it came with the KV: decoding starts now
         stream = self.streams[request_id]
         for token in output_token_ids:
             req.token_ids.append(token)

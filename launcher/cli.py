@@ -65,7 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from launcher.cluster import ClusterConfig, LocalCluster
     from prefix_index.url import redact_url
-    from router.server import RouterConfig
+    from router.config import RouterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}
     if args.attention_backend:

@@ -36,10 +36,12 @@ from launcher.preflight import check_engine_config
 from launcher.ray_auth import ray_init
 from launcher.redis_local import start_redis_server, stop_redis_server
 from pdserve_api.errors import ConfigError
+from pdserve_api.worker_protocol import ReadyInfo
 from prefix_index.factory import make_prefix_index
 from prefix_index.interface import PrefixIndex
 from prefix_index.url import redact_url
-from router.server import ModelInfo, Router, RouterConfig
+from router.config import ModelInfo, RouterConfig
+from router.server import Router
 from worker_host.placement import assign_cores
 from worker_host.spec import WorkerSpec
 
@@ -245,23 +247,24 @@ class LocalCluster:
                          "THP_MEM_ALLOC_ENABLE": "1", "UCX_WARN_UNUSED_ENV_VARS": "n"}})
             self._started_ray = True
         self.prefill, self.decode = self._start_workers(model_path)
-        infos = ray.get([a.adopt.remote() if wid in self.adopted else a.ready.remote()
-                         for wid, a in [*self.prefill.items(), *self.decode.items()]],
-                        timeout=cfg.start_timeout_s)
+        infos: list[ReadyInfo] = ray.get(
+            [a.adopt.remote() if wid in self.adopted else a.ready.remote()
+             for wid, a in [*self.prefill.items(), *self.decode.items()]],
+            timeout=cfg.start_timeout_s)
         for info in infos:
-            log.info("worker %s ready (KV transport %s)", info["worker_id"], info["transport"])
-        self.worker_metrics = [info["metrics"] for info in infos]
+            log.info("worker %s ready (KV transport %s)", info.worker_id, info.transport)
+        self.worker_metrics = [info.metrics for info in infos]
         tokenizer = (Tokenizer.from_dir(model_path)
                      if (Path(model_path) / "tokenizer.json").is_file() else None)
-        max_len = min(i["max_model_len"] for i in infos if "max_model_len" in i)
+        max_len = min(i.max_model_len for i in infos)
         model = ModelInfo(name=Path(model_path).name, tokenizer=tokenizer,
                           vocab_size=model_cfg.vocab_size, max_model_len=max_len,
-                          block_size=infos[0]["block_size"])
+                          block_size=infos[0].block_size)
         self.router = Router(model, self.prefill, self.decode, index, cfg.router,
                              colocated=cfg.num_colocated > 0,
                              followers={w: g.followers for w, g in self.tp_workers.items()},
                              replace_group=self.replace_group,
-                             infos={i["worker_id"]: i for i in infos})
+                             infos={i.worker_id: i for i in infos})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="router",
                                         daemon=True)
@@ -492,7 +495,7 @@ class LocalCluster:
 
     @property
     def index(self) -> PrefixIndex | None:
-        return self.router.index if self.router is not None else None
+        return self.router.pool.index if self.router is not None else None
 
     def call(self, coro) -> Any:
         """Run a coroutine on the router's loop (tests: inspect router state)."""

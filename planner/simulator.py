@@ -43,7 +43,7 @@ from pdserve_api.errors import ConfigError
 from pdserve_api.sampling import SamplingParams
 from planner.sim_inputs import SimRequest
 from planner.sim_worker import SimWorker, StepCost
-from router.server import RouterConfig
+from router.config import RouterConfig
 from router.slo import PrefillPlacement, Rejected, RequestInfo, SLOScheduler
 from router.timing_profile import Profile, ProfileError
 

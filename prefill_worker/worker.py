@@ -14,27 +14,27 @@ tensor parallelism on either side, each prefill rank ships the KV heads it holds
 the decode ranks that own them (ranks 1.. in worker_host/tp_follower.py, with the same
 connector).
 
-Results come back as plain dicts: first token and text, cached token count, and timings
-measured here (queued in this worker, prefill compute, transfer tail after compute).
+Results come back as a `PrefillResult` (pdserve_api/worker_protocol.py): first token and text,
+and the prefill's cost from the engine's stamps on the request (queued here, compute) plus the
+transfer tail after the compute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVControl, KVPool, make_sender
 from kv_transfer.prefill_connector import TRANSFER_ERRORS, PrefillConnector, ShipResult
-from pdserve_api.sampling import SamplingParams
-from worker_host.actor import WorkerBase
+from pdserve_api.worker_protocol import FailedSide, PrefillRequest, PrefillResult, SendPlan
+from worker_host.actor import WorkerBase, prefill_timing
 from worker_host.spec import WorkerSpec
 from worker_host.tp_follower import follower_errors
 
@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Job:
+    """The caller waiting for a prompt's result (its timings are the engine request's
+    stamps)."""
+
     request_id: str
-    future: Future = field(default_factory=Future)
-    received: float = field(default_factory=time.monotonic)
-    started: float | None = None  # first scheduled
-    computed: float | None = None  # first token sampled
+    future: Future[PrefillResult] = field(default_factory=Future)
     shipping: bool = False  # the KV transfer is completing off the engine thread
 
 
@@ -59,7 +59,7 @@ class PrefillWorker(WorkerBase):
         super().__init__(spec)
         self.pool = KVPool.from_engine(self.engine, spec.model_id)
         self.sender = make_sender(spec.transport, self.pool, secret=spec.cluster_secret)
-        self.transport = type(self.sender).__name__.removesuffix("Sender").lower()
+        self.transport: str = type(self.sender).__name__.removesuffix("Sender").lower()
         log.info("%s: KV transport %s, %d KV blocks", self.worker_id, self.transport,
                  self.pool.num_blocks)
         self.kv = PrefillConnector(self.sender, self.engine.model_config.num_kv_heads,
@@ -72,13 +72,10 @@ class PrefillWorker(WorkerBase):
 
     # ---- actor methods ---------------------------------------------------------------------
 
-    def _ready_extra(self) -> dict[str, Any]:
-        return {"transport": self.transport, "tp_size": self.spec.tp_size}
-
     async def connect_decode(self, addresses: list[str]) -> dict[str, str]:
         """Open the KV connections to these decode workers now (TCP/UCX handshake, auth), on
         the engine thread that later sends on them; returns the errors by address."""
-        def connect(_: Any) -> dict[str, str]:
+        def connect(_: LLMEngine) -> dict[str, str]:
             errors = {}
             for address in addresses:
                 try:
@@ -88,26 +85,27 @@ class PrefillWorker(WorkerBase):
             return errors
         return await self.call(connect)
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int],
-                      sampling: dict[str, Any], dst_addresses: list[str],
-                      dst_block_ids: list[int]) -> dict[str, Any]:
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Compute the prompt's KV into the decode worker's reserved blocks (dst_addresses:
         its receivers, one per decode TP rank); return the first token. Never raises for a
-        request-level failure: the dict's `error` says what failed (`transfer_failed` true
-        when a retry on another decode worker may succeed). Under TP the follower ranks ship
-        their own heads (worker_host/tp_follower.py) and report before this returns."""
+        request-level failure: the result's `error` says what failed (`retry_on` the side a
+        retry should avoid). Under TP the follower ranks ship their own heads
+        (worker_host/tp_follower.py) and report before this returns."""
+        request_id = req.request_id
         try:
-            self.kv.plan(request_id, dst_addresses, dst_block_ids)
-            await self.plan_followers(request_id, dst_addresses, dst_block_ids)
+            self.kv.plan(request_id, req.dst_addresses, req.dst_block_ids)
+            await self.plan_followers(SendPlan(request_id, req.dst_addresses,
+                                               req.dst_block_ids))
         except Exception as e:  # noqa: BLE001 - a follower refusing or dying: this request fails
             self.kv.drop(request_id, "planning failed")
             self.drop_followers(request_id)
-            return {"error": f"planning the TP KV transfer: {type(e).__name__}: {e}",
-                    "transfer_failed": True}
+            return self._failed(request_id, f"planning the TP KV transfer: "
+                                f"{type(e).__name__}: {e}", FailedSide.PREFILL)
         job = _Job(request_id)
 
         def start(engine: LLMEngine) -> None:
-            engine.add_request(prompt_token_ids, SamplingParams(**sampling), request_id)
+            self._refuse_if_aborted(request_id)
+            engine.add_request(req.prompt_token_ids, req.sampling, request_id)
             self.jobs[request_id] = job
 
         try:
@@ -116,7 +114,7 @@ class PrefillWorker(WorkerBase):
             log.warning("%s: prefill %s refused: %s", self.worker_id, request_id, e)
             self.kv.drop(request_id, f"refused: {e}")
             self.drop_followers(request_id)
-            return {"error": f"{type(e).__name__}: {e}", "transfer_failed": False}
+            return self._failed(request_id, f"{type(e).__name__}: {e}", None)
         try:
             result = await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
@@ -128,36 +126,43 @@ class PrefillWorker(WorkerBase):
     async def abort(self, request_id: str) -> bool:
         return await self.call(lambda e: self._abort(e, request_id, "aborted by the router"))
 
-    async def plan_followers(self, request_id: str, dst_addresses: list[str],
-                             dst_block_ids: list[int]) -> None:
+    async def plan_followers(self, plan: SendPlan) -> None:
         """Tell the follower ranks where their heads of this request go, before it is
         scheduled (their layer hooks open the sessions in the step it completes)."""
         if self.followers:
-            await asyncio.gather(*(f.plan_send.remote(request_id, dst_addresses, dst_block_ids)
-                                   for f in self.followers))
+            await asyncio.gather(*(f.plan_send.remote(plan) for f in self.followers))
 
     def drop_followers(self, request_id: str) -> None:
         for f in self.followers:
             f.drop_send.remote(request_id)
 
-    async def follower_results(self, request_id: str, result: dict[str, Any]
-                               ) -> dict[str, Any]:
+    async def follower_results(self, request_id: str, result: PrefillResult
+                               ) -> PrefillResult:
         """Rank 0's result, failed if any follower's part of the transfer failed."""
         if not self.followers:
             return result
-        if result.get("error") or result.get("finished"):  # nothing more goes to decode
+        if result.error or result.finished:  # nothing more goes to decode
             self.drop_followers(request_id)
             return result
         replies = await asyncio.gather(*(f.send_result.remote(request_id)
                                          for f in self.followers), return_exceptions=True)
         errors = follower_errors(replies)
         if errors:
-            return {**result, "error": f"a TP rank's KV transfer failed: {errors[0]}",
-                    "transfer_failed": True}
+            # A rank that did not answer is this worker's failure; one that reported an
+            # error was failed by its receiver.
+            dead = any(isinstance(r, BaseException) for r in replies)
+            return dataclasses.replace(
+                result, error=f"a TP rank's KV transfer failed: {errors[0]}",
+                retry_on=FailedSide.PREFILL if dead else FailedSide.DECODE)
         return result
 
-    def _integrity_extra(self) -> dict[str, Any]:
-        return {"jobs": sorted({*self.jobs, *self.kv.planned()})}
+    def _failed(self, request_id: str, error: str, retry_on: FailedSide | None
+                ) -> PrefillResult:
+        return PrefillResult(request_id, self.worker_id, transport=self.transport,
+                             error=error, retry_on=retry_on)
+
+    def _unresolved_jobs(self) -> list[str]:
+        return sorted({*self.jobs, *self.kv.planned()})
 
     def _held_request_ids(self, e: LLMEngine) -> list[str]:
         return [*e.requests, *self.jobs]
@@ -171,14 +176,11 @@ class PrefillWorker(WorkerBase):
 
     def _layer_hook(self, sched: SchedulerOutput):
         """Open the transfers of the prompts whose last chunk runs in this step."""
-        now = time.monotonic()
         finishing = []
         for req in sched.requests:
             job = self.jobs.get(req.request_id)
             if job is None:
                 continue
-            if job.started is None:
-                job.started = now
             if (req.num_computed_tokens + sched.num_scheduled_tokens[req.request_id]
                     >= req.num_prompt_tokens):
                 finishing.append((job.request_id,
@@ -190,7 +192,6 @@ class PrefillWorker(WorkerBase):
             job = self.jobs.get(out.request_id)
             if job is None or not out.finished or job.shipping:
                 continue
-            job.computed = time.monotonic()
             if out.finish_reason == "prefilled":
                 handoff = self.engine.kv_handoff(job.request_id)
                 control = KVControl(job.request_id, handoff.num_computed_tokens,
@@ -219,33 +220,27 @@ class PrefillWorker(WorkerBase):
     def _resolve(self, job: _Job, out: RequestOutput, finished: bool,
                  transfer_s: float = 0.0, error: str | None = None) -> None:
         self.jobs.pop(job.request_id, None)
-        computed = job.computed if job.computed is not None else time.monotonic()
-        started = job.started if job.started is not None else computed
-        result = {
-            "worker_id": self.worker_id,
-            "token_ids": list(out.new_token_ids),
-            "text": out.text,
-            "finished": finished,
-            "finish_reason": out.finish_reason,
-            "num_prompt_tokens": out.num_prompt_tokens,
-            "num_cached_tokens": out.num_cached_tokens,
-            "queued_s": started - job.received,
-            "prefill_s": computed - started,
-            "transfer_s": transfer_s,
-            "error": error,
-            "transfer_failed": error is not None,
-            "transport": self.transport,
-        }
+        if out.finish_reason == "abort":  # the engine aborted it (e.g. a failed step)
+            error = error or "the prefill worker aborted the request"
+        result = PrefillResult(
+            job.request_id, self.worker_id, token_ids=list(out.new_token_ids), text=out.text,
+            finished=finished, finish_reason=out.finish_reason, timing=prefill_timing(out),
+            transfer_s=transfer_s, transport=self.transport, error=error,
+            # The receiving side failed the transfer: another decode worker may take it.
+            retry_on=FailedSide.DECODE if error is not None and out.finish_reason != "abort"
+            else None)
         if not job.future.done():
             job.future.set_result(result)
 
     def _abort(self, engine: LLMEngine, request_id: str, reason: str) -> bool:
         job = self.jobs.get(request_id)
         if job is not None and not job.future.done():
-            job.future.set_result({"worker_id": self.worker_id, "error": reason,
-                                   "transfer_failed": False, "aborted": True})
+            job.future.set_result(self._failed(request_id, reason, None))
         if job is not None and job.shipping:  # completing off this thread: blocks go after
             return True
         self.jobs.pop(request_id, None)
         self.kv.drop(request_id, reason)
-        return engine.abort(request_id) or job is not None
+        if engine.abort(request_id) or job is not None:
+            return True
+        self._note_aborted_early(request_id)
+        return False

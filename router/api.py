@@ -40,7 +40,8 @@ class ParsedRequest:
     """A validated `GenerateRequest` in the router's terms (read by the router's scheduler)."""
 
     request_id: str
-    prompt: str | list[dict] | list[int]  # text, chat [{"role", "content"}], or token ids
+    # text, chat [{"role", "content"}], or token ids
+    prompt: str | list[dict[str, str]] | list[int]
     sampling: SamplingParams
     priority: int  # higher is served first
     ttft_slo_s: float | None  # None: no target
@@ -78,7 +79,7 @@ def _parse_request_id(rid: str) -> str:
     return rid
 
 
-def _parse_input(msg: pdserve_pb2.GenerateRequest) -> str | list[dict] | list[int]:
+def _parse_input(msg: pdserve_pb2.GenerateRequest) -> str | list[dict[str, str]] | list[int]:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidArgument("input: set one of text, chat, token_ids")

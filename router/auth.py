@@ -84,8 +84,8 @@ class ApiKeys:
                 raise ValueError(f"{path}:{n}: expected 'NAME SHA256_HEX [RATE [BURST]]'")
             try:
                 digest = bytes.fromhex(line[1])
-                rate = float(line[2]) if len(line) > 2 else None
-                burst = float(line[3]) if len(line) > 3 else (max(1.0, rate) if rate else None)
+                rate = float(line[2]) if len(line) > 2 else 0.0  # 0: no limit
+                burst = float(line[3]) if len(line) > 3 else max(1.0, rate)
             except ValueError:
                 raise ValueError(f"{path}:{n}: bad hash or rate") from None
             keys.append(_Key(line[0], digest, _Bucket(rate, burst) if rate else None))

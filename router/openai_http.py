@@ -30,6 +30,7 @@ import codecs
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
@@ -40,9 +41,10 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from pdserve_api import pdserve_pb2
 from pdserve_api.messages import InvalidArgument, build_generate_request
+from router.errors import RouterError
 
-if TYPE_CHECKING:  # the router imports this module
-    from router.server import Router, RouterError
+if TYPE_CHECKING:  # router/server.py imports this module to serve it
+    from router.server import Router
 
 Responses = AsyncGenerator[pdserve_pb2.GenerateResponse, None]
 
@@ -108,8 +110,6 @@ class OpenAIServer:
         await self.runner.setup()
         ssl_context = None
         if tls is not None:
-            import ssl
-
             cert, key, ca = tls
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(cert, key)
@@ -128,8 +128,6 @@ class OpenAIServer:
     # ---- simple routes -----------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        from router.server import RouterError
-
         try:
             self.router.authorize(request.headers.get("Authorization"))
         except RouterError as e:
@@ -142,8 +140,6 @@ class OpenAIServer:
     async def timing_profile(self, request: web.Request) -> web.Response:
         """The router's learnt timing models as a profile (router/timing_profile.py), for
         `pdserve profile --from-cluster`."""
-        from router.server import RouterError
-
         try:
             self.router.authorize(request.headers.get("Authorization"))
         except RouterError as e:
@@ -153,7 +149,7 @@ class OpenAIServer:
         return web.Response(text=profile.to_json(), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
-        ok = bool(self.router.prefill) and (self.router.colocated or bool(self.router.decode))
+        ok = self.router.pool.healthy()
         return web.json_response({"status": "ok" if ok else "no healthy workers"},
                                  status=200 if ok else 503)
 
@@ -170,8 +166,6 @@ class OpenAIServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        from router.server import RouterError
-
         try:
             self.router.authorize(request.headers.get("Authorization"))
         except RouterError as e:
@@ -243,8 +237,6 @@ class OpenAIServer:
         return msg, stream, bool(options.get("include_usage", False))
 
     async def _collect(self, responses: Responses, oid: str, chat: bool) -> web.Response:
-        from router.server import RouterError
-
         text: list[str] = []
         final: pdserve_pb2.FinalInfo | None = None
         try:
@@ -271,8 +263,6 @@ class OpenAIServer:
 
     async def _stream(self, request: web.Request, responses: Responses, oid: str,
                       chat: bool, include_usage: bool) -> web.StreamResponse:
-        from router.server import RouterError
-
         created, model = int(time.time()), self.router.model.name
         kind = "chat.completion.chunk" if chat else "text_completion"
 

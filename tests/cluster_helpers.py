@@ -45,7 +45,7 @@ def wait_idle(cluster, timeout_s: float = 20.0) -> None:
         reports = {wid: ray.get(a.check_integrity.remote())
                    for wid, a in [*cluster.prefill.items(), *cluster.decode.items()]}
         held = {wid: r for wid, r in reports.items()
-                if r["free_blocks"] != r["num_blocks"] or r["requests"] or r.get("jobs")}
+                if r.free_blocks != r.num_blocks or r.requests or r.jobs}
         if not held:
             return
         if time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from launcher.client import GenerateClient
 from launcher.cluster import ClusterConfig, LocalCluster
 from pdserve_api.messages import build_generate_request
 from pdserve_api.sampling import SamplingParams
-from router.server import RouterConfig
+from router.config import RouterConfig
 
 ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 16, "max_num_batched_tokens": 256}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -314,10 +314,10 @@ def test_adopting_workers_aborts_what_the_previous_router_left_in_flight(cluster
         call = client.stream(build_generate_request(token_ids=list(range(5, 60)), sampling=long))
         first = next(call)
         workers = [*cluster22.prefill.values(), *cluster22.decode.values()]
-        held = [ray.get(w.check_integrity.remote())["requests"] for w in workers]
+        held = [ray.get(w.check_integrity.remote()).requests for w in workers]
         assert any(held)  # the request is still decoding somewhere
         infos = ray.get([w.adopt.remote() for w in workers])
-        assert {i["worker_id"] for i in infos} == set(cluster22.prefill) | set(cluster22.decode)
+        assert {i.worker_id for i in infos} == set(cluster22.prefill) | set(cluster22.decode)
         rest = list(call)
         assert rest[-1].final.finish_reason == "abort"
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) < 400
@@ -408,7 +408,7 @@ def _holder(cluster: LocalCluster, pool: str, timeout_s: float = 10.0) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reserved = [wid for wid, a in cluster.decode.items()
-                    if ray.get(a.check_integrity.remote())["requests"]]
+                    if ray.get(a.check_integrity.remote()).requests]
         if reserved:
             time.sleep(0.2)  # inside the first layer's (fault-injected) send delay
             return reserved[0] if pool == "decode" else cluster.call(busy_prefill())[0]
@@ -518,8 +518,8 @@ def test_decode_worker_killed_mid_decode_migrates_and_is_restarted(model_dir, ra
             call = client.stream(build_generate_request(token_ids=prompt, sampling=long))
             tokens = list(next(call).token_ids)
             victim = next(wid for wid, a in cluster.decode.items()
-                          if ray.get(a.check_integrity.remote())["requests"])
-            pid = ray.get(cluster.decode[victim].ready.remote())["pid"]
+                          if ray.get(a.check_integrity.remote()).requests)
+            pid = ray.get(cluster.decode[victim].ready.remote()).pid
             os.kill(pid, 9)
             rest = list(call)
         tokens += [t for r in rest for t in r.token_ids]
@@ -528,10 +528,10 @@ def test_decode_worker_killed_mid_decode_migrates_and_is_restarted(model_dir, ra
         assert final.retries == 1 and final.decode_worker != victim
         assert final.completion_tokens == 120
         deadline = time.monotonic() + 120
-        while victim not in cluster.router.decode:  # restarted by Ray, re-admitted
+        while victim not in cluster.router.pool.decode:  # restarted by Ray, re-admitted
             assert time.monotonic() < deadline, "the killed worker never came back"
             time.sleep(0.2)
-        assert ray.get(cluster.decode[victim].ready.remote())["pid"] != pid
+        assert ray.get(cluster.decode[victim].ready.remote()).pid != pid
         wait_idle(cluster)
 
 

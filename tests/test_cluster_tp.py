@@ -62,17 +62,17 @@ def test_colocated_tp2_worker_matches_engine_and_is_replaced_when_a_rank_dies(
         assert serve_all(cluster) == expected
         wid = "colocated-0"
         old = cluster.tp_workers[wid].followers[0]
-        os.kill(ray.get(old.ready.remote())["pid"], 9)
+        os.kill(ray.get(old.ready.remote()).pid, 9)
         deadline = time.monotonic() + 60
         router = cluster.router
         # Seen dead by the heartbeat, routed around, then back as a fresh group.
-        while wid in router.prefill and router.followers[wid][0] is old:
+        while wid in router.pool.prefill and router.pool.followers[wid][0] is old:
             assert time.monotonic() < deadline, "the dead rank was never noticed"
             time.sleep(0.1)
-        while wid not in router.prefill:
+        while wid not in router.pool.prefill:
             assert time.monotonic() < deadline, "the group was never replaced"
             time.sleep(0.1)
-        assert router.followers[wid][0] is not old
+        assert router.pool.followers[wid][0] is not old
         assert cluster.tp_workers[wid].replacements == 1
         assert serve_all(cluster) == expected
         wait_idle(cluster)
@@ -114,14 +114,15 @@ def test_decode_follower_rank_killed_mid_stream_request_ends_clearly_and_group_r
             call = client.stream(build_generate_request(token_ids=PROMPTS[1], sampling=long),
                                  timeout_s=60)
             next(call)
-            os.kill(ray.get(old.ready.remote())["pid"], 9)
+            os.kill(ray.get(old.ready.remote()).pid, 9)
             try:
                 items = list(call)
                 assert items[-1].final.finish_reason == "length"  # done before the kill hit
             except grpc.RpcError as e:  # migration found no other decode worker
                 assert e.code() == grpc.StatusCode.UNAVAILABLE, e
         deadline = time.monotonic() + 60
-        while not (wid in cluster.router.decode and cluster.router.followers[wid][0] is not old):
+        pool = cluster.router.pool
+        while not (wid in pool.decode and pool.followers[wid][0] is not old):
             assert time.monotonic() < deadline, "the decode group was never replaced"
             time.sleep(0.1)
         assert serve_all(cluster) == expected

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from launcher.client import GenerateClient
 from launcher.cluster import ClusterConfig, LocalCluster
 from pdserve_api import pdserve_pb2
-from router.server import RouterConfig
+from router.config import RouterConfig
 
 EXAMPLES = int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", "1000"))
 ALLOWED_GRPC = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,

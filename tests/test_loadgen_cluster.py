@@ -22,7 +22,7 @@ from loadgen.cli import main as loadgen_main
 from loadgen.runner import BenchConfig, run_bench
 from loadgen.stats import PHASES, STATS, summarize
 from loadgen.workloads import TrafficClass, WorkloadConfig, make_workload
-from router.server import RouterConfig
+from router.config import RouterConfig
 from router.timing_profile import Profile
 
 VOCAB = 320  # tiny_models' vocabulary

@@ -23,6 +23,7 @@ from engine.engine import LLMEngine
 from launcher.client import GenerateClient, build_generate_request
 from launcher.cluster import end_detached_workers
 from pdserve_api.sampling import SamplingParams
+from pdserve_api.worker_protocol import IntegrityReport
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "pdserve-restart-test"
@@ -79,12 +80,13 @@ def model_dir(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("restart") / "llama", seed=11)
 
 
-def worker_state(name: str) -> dict:
+def worker_state(name: str) -> tuple[IntegrityReport, int]:
+    """A worker's block accounting, and its pid."""
     import ray
 
     actor = ray.get_actor(name, namespace=NAMESPACE)
-    return {**ray.get(actor.check_integrity.remote(), timeout=30),
-            "pid": ray.get(actor.ready.remote(), timeout=30)["pid"]}
+    return (ray.get(actor.check_integrity.remote(), timeout=30),
+            ray.get(actor.ready.remote(), timeout=30).pid)
 
 
 def test_router_killed_mid_stream_restarts_and_adopts_its_workers(model_dir):
@@ -97,7 +99,7 @@ def test_router_killed_mid_stream_restarts_and_adopts_its_workers(model_dir):
         first = second = None
         try:
             first = RouterProcess(model_dir, gcs)
-            pids = {w: worker_state(w)["pid"] for w in ("prefill-0", "decode-0")}
+            pids = {w: worker_state(w)[1] for w in ("prefill-0", "decode-0")}
             with GenerateClient(first.address) as client:
                 long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
                 call = client.stream(build_generate_request(token_ids=PROMPT, sampling=long),
@@ -111,19 +113,19 @@ def test_router_killed_mid_stream_restarts_and_adopts_its_workers(model_dir):
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert time.monotonic() - killed < 10  # a clear status, not a hang
             # The workers outlived the router; the orphaned request is still decoding.
-            assert {w: worker_state(w)["pid"] for w in pids} == pids
+            assert {w: worker_state(w)[1] for w in pids} == pids
             second = RouterProcess(model_dir, gcs)
             assert any("adopting 2 live detached workers" in line for line in second.log)
             with GenerateClient(second.address) as client:
                 out = client.generate(build_generate_request(token_ids=PROMPT,
                                                              sampling=GREEDY))
             assert out.token_ids == expected
-            assert {w: worker_state(w)["pid"] for w in pids} == pids  # adopted, not reloaded
+            assert {w: worker_state(w)[1] for w in pids} == pids  # adopted, not reloaded
             deadline = time.monotonic() + 20
             while True:  # nothing held: the dead router's request was aborted on adoption
-                states = [worker_state(w) for w in pids]
-                if all(s["free_blocks"] == s["num_blocks"] and not s["requests"]
-                       and not s.get("jobs") for s in states):
+                states = [worker_state(w)[0] for w in pids]
+                if all(s.free_blocks == s.num_blocks and not s.requests and not s.jobs
+                       for s in states):
                     break
                 assert time.monotonic() < deadline, states
                 time.sleep(0.2)

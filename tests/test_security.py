@@ -34,7 +34,7 @@ from pdserve_api.errors import ConfigError
 from pdserve_api.messages import build_generate_request
 from pdserve_api.sampling import SamplingParams
 from router.auth import ApiKeys, AuthError, new_key_line
-from router.server import RouterConfig
+from router.config import RouterConfig
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 

@@ -12,17 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from engine.block_manager import BlockRemoved, BlockStored
 from engine.config import EngineMode
 from engine.engine import LLMEngine, RequestOutput
+from pdserve_api.worker_protocol import (
+    IntegrityReport,
+    PrefillTiming,
+    ReadyInfo,
+    StreamItem,
+    StreamKind,
+    WorkerLoad,
+    WorkerStats,
+)
 from worker_host.engine_loop import EngineLoop
 from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ABORTED_EARLY_MAX = 4096
+
+
+class RequestAborted(ValueError):
+    """The router aborted a request before the call that starts it reached this worker."""
 
 
 class WorkerBase:
@@ -40,9 +57,14 @@ class WorkerBase:
         self.engine = LLMEngine(config, spec.join_tp_group(config.device))
         self.engine.warmup()
         self.aloop: asyncio.AbstractEventLoop | None = None
-        self.streams: dict[str, asyncio.Queue] = {}  # actor event loop only
-        self._pending_events: list[Any] = []  # in-process index mode: pulled by the router
+        self.streams: dict[str, asyncio.Queue[StreamItem]] = {}  # actor event loop only
+        # In-process index mode: pulled by the router.
+        self._pending_events: list[BlockStored | BlockRemoved] = []
         self.publisher = None
+        # Ids aborted before this worker knew them (engine thread only): Ray may deliver an
+        # abort ahead of the call that starts the request, which must then refuse it rather
+        # than hold blocks nobody will free. Bounded: old ids can no longer arrive.
+        self._aborted_early: OrderedDict[str, None] = OrderedDict()
         from worker_host.metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
@@ -67,18 +89,21 @@ class WorkerBase:
 
     # ---- actor methods shared by every kind ------------------------------------------------
 
-    def ready(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "mode": self.mode.value,
-                "num_blocks": self.engine.block_manager.num_blocks,
-                "block_size": self.engine.config.block_size,
-                "max_model_len": self.engine.max_model_len, "metrics": self.metrics_address,
-                "pid": os.getpid(),
-                **self._ready_extra()}
+    def ready(self) -> ReadyInfo:
+        return ReadyInfo(
+            worker_id=self.worker_id, mode=self.mode.value,
+            num_blocks=self.engine.block_manager.num_blocks,
+            block_size=self.engine.config.block_size, max_model_len=self.engine.max_model_len,
+            metrics=self.metrics_address, pid=os.getpid(), transport=self.transport,
+            tp_size=self.spec.tp_size, kv_addresses=self._kv_addresses())
 
-    def _ready_extra(self) -> dict[str, Any]:
-        return {}
+    # What `ready` says of the KV side: the subclass's transport and receivers.
+    transport = "none"
 
-    async def adopt(self) -> dict[str, Any]:
+    def _kv_addresses(self) -> list[str]:
+        return []
+
+    async def adopt(self) -> ReadyInfo:
         """A new router takes this (detached) worker over after its predecessor died: abort
         whatever that router left in flight, since no client waits for it any more, so no
         block stays held; then answer like `ready`."""
@@ -90,6 +115,17 @@ class WorkerBase:
                         self.worker_id, len(ids))
         return self.ready()
 
+    def _note_aborted_early(self, request_id: str) -> None:
+        """Engine thread: an abort found nothing for request_id; refuse it if it comes."""
+        self._aborted_early[request_id] = None
+        while len(self._aborted_early) > ABORTED_EARLY_MAX:
+            self._aborted_early.popitem(last=False)
+
+    def _refuse_if_aborted(self, request_id: str) -> None:
+        """Engine thread, before a request is started: raise if it was aborted already."""
+        if self._aborted_early.pop(request_id, False) is None:
+            raise RequestAborted(f"request {request_id!r} was aborted before it arrived")
+
     def _held_request_ids(self, e: LLMEngine) -> list[str]:
         return list(e.requests)
 
@@ -100,31 +136,32 @@ class WorkerBase:
     async def abort(self, request_id: str) -> bool:
         raise NotImplementedError
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> WorkerStats:
         """The router's heartbeat: answered without waiting for the engine thread (a long
         step must not look like a dead worker), from plain reads of its counters."""
-        e = self.engine
-        return {"worker_id": self.worker_id, **self._load(),
-                "num_blocks": e.block_manager.num_blocks,
-                "num_waiting": len(e.scheduler.waiting), "num_held": len(e.requests),
-                "step_s": self.loop.stats.ewma_step_s, "batch": self.loop.stats.last_batch,
-                "steps": self.loop.stats.steps}
+        e, load = self.engine, self._load()
+        return WorkerStats(
+            worker_id=self.worker_id, free_blocks=load.free_blocks,
+            num_running=load.num_running, num_blocks=e.block_manager.num_blocks,
+            num_waiting=len(e.scheduler.waiting), num_held=len(e.requests),
+            step_s=self.loop.stats.ewma_step_s, batch=self.loop.stats.last_batch,
+            steps=self.loop.stats.steps)
 
-    async def check_integrity(self) -> dict[str, Any]:
+    async def check_integrity(self) -> IntegrityReport:
         """Block-accounting check plus what is still held (tests assert nothing leaks)."""
-        def check(e: LLMEngine) -> dict[str, Any]:
+        def check(e: LLMEngine) -> IntegrityReport:
             e.check_integrity()
-            return {"free_blocks": e.block_manager.num_free_blocks,
-                    "num_blocks": e.block_manager.num_blocks, "requests": sorted(e.requests),
-                    **self._integrity_extra()}
+            return IntegrityReport(free_blocks=e.block_manager.num_free_blocks,
+                                   num_blocks=e.block_manager.num_blocks,
+                                   requests=sorted(e.requests), jobs=self._unresolved_jobs())
         return await self.call(check)
 
-    def _integrity_extra(self) -> dict[str, Any]:
-        return {}
+    def _unresolved_jobs(self) -> list[str]:
+        return []
 
-    async def take_index_events(self) -> list[Any]:
+    async def take_index_events(self) -> list[BlockStored | BlockRemoved]:
         """In-process index mode: block events since the last call (the router applies them)."""
-        def take(_: LLMEngine) -> list[Any]:
+        def take(_: LLMEngine) -> list[BlockStored | BlockRemoved]:
             events, self._pending_events = self._pending_events, []
             return events
         return await self.call(take)
@@ -145,22 +182,23 @@ class WorkerBase:
         self.aloop = asyncio.get_running_loop()
         self.streams[request_id] = asyncio.Queue()
 
-    async def next_items(self, request_id: str) -> list[dict[str, Any]]:
+    async def next_items(self, request_id: str) -> list[StreamItem]:
         """The request's output since the last call: waits for one item, returns every item
-        queued by then; the last has `finished` once the request ended. The router polls
-        this (a long poll) rather than taking a Ray streaming generator, which Ray Client
-        (`ray://`, how a Kubernetes router joins) cannot carry."""
+        queued by then; the last is FINISHED or ERROR once the request ended. The router
+        polls this (a long poll) rather than taking a Ray streaming generator, which Ray
+        Client (`ray://`, how a Kubernetes router joins) cannot carry."""
         q = self.streams.get(request_id)
         if q is None:
-            return [{"finished": True, "error": f"request {request_id!r} is not known here"}]
+            return [StreamItem(StreamKind.ERROR,
+                               error=f"request {request_id!r} is not known here")]
         items = [await q.get()]
-        while not items[-1].get("finished") and not q.empty():
+        while not items[-1].last and not q.empty():
             items.append(q.get_nowait())
-        if items[-1].get("finished"):
+        if items[-1].last:
             self.streams.pop(request_id, None)
         return items
 
-    def _push(self, request_id: str, item: dict[str, Any]) -> None:
+    def _push(self, request_id: str, item: StreamItem) -> None:
         """From any thread: queue an item on the request's stream (dropped if it has none)."""
         if self.aloop is None:
             return
@@ -173,19 +211,27 @@ class WorkerBase:
         self.aloop.call_soon_threadsafe(put)
 
     @staticmethod
-    def _item(out: RequestOutput) -> dict[str, Any]:
-        return {"token_ids": list(out.new_token_ids), "text": out.text,
-                "finished": out.finished, "finish_reason": out.finish_reason,
-                "num_prompt_tokens": out.num_prompt_tokens,
-                "num_cached_tokens": out.num_cached_tokens,
-                "num_output_tokens": out.num_output_tokens}
+    def _item(out: RequestOutput, timing: PrefillTiming | None = None) -> StreamItem:
+        """A step's output as a stream item; a finished one carries the decode time, from
+        the first token (or the KV's arrival with it) to now."""
+        if not out.finished:
+            return StreamItem(StreamKind.TOKENS, list(out.new_token_ids), out.text,
+                              timing=timing)
+        decode_s = (time.monotonic() - out.first_token_time
+                    if out.first_token_time is not None else 0.0)
+        return StreamItem(StreamKind.FINISHED, list(out.new_token_ids), out.text,
+                          finish_reason=out.finish_reason, timing=timing, decode_s=decode_s)
+
+    @staticmethod
+    def _aborted() -> StreamItem:
+        return StreamItem(StreamKind.FINISHED, finish_reason="abort")
 
     # ---- engine thread -----------------------------------------------------------------------
 
-    def _load(self) -> dict[str, int]:
+    def _load(self) -> WorkerLoad:
         # Plain int reads: a slightly stale view is fine for placement.
-        return {"free_blocks": self.engine.block_manager.num_free_blocks,
-                "num_running": len(self.engine.scheduler.running)}
+        return WorkerLoad(free_blocks=self.engine.block_manager.num_free_blocks,
+                          num_running=len(self.engine.scheduler.running))
 
     def _outputs(self, outputs: list[RequestOutput]) -> None:
         m = self.metrics
@@ -218,3 +264,12 @@ class WorkerBase:
             self.publisher.push(events)
         else:
             self._pending_events.extend(events)
+
+
+def prefill_timing(out: RequestOutput) -> PrefillTiming:
+    """The prompt's cost on this worker, from the engine's stamps on its request."""
+    first_token = out.first_token_time if out.first_token_time is not None else time.monotonic()
+    scheduled = (out.first_scheduled_time if out.first_scheduled_time is not None
+                 else first_token)
+    return PrefillTiming(num_cached_tokens=out.num_cached_tokens,
+                         queued_s=scheduled - out.arrival_time, prefill_s=first_token - scheduled)

@@ -24,8 +24,8 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
 
 from engine.config import EngineMode
 from engine.model_runner import StepInputs
@@ -33,6 +33,13 @@ from engine.tp_engine import TPError, TPFollower
 from kv_transfer import KVControl, KVPool, make_receiver, make_sender
 from kv_transfer.decode_connector import DecodeConnector
 from kv_transfer.prefill_connector import PrefillConnector, ShipResult
+from pdserve_api.worker_protocol import (
+    ExpectKV,
+    FollowerAlive,
+    FollowerReady,
+    RankTransfer,
+    SendPlan,
+)
 from worker_host.engine_loop import TP_FAILED_EXIT_CODE
 from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
@@ -99,32 +106,33 @@ class TPFollowerWorker:
                  self.follower.steps)
         self.stopped.set()
 
-    def ready(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "tp_rank": self.spec.tp_rank,
-                "num_blocks": self.follower.runner.num_blocks, "pid": os.getpid(),
-                "address": self.receiving.address if self.receiving is not None else None}
+    def ready(self) -> FollowerReady:
+        return FollowerReady(
+            worker_id=self.worker_id, tp_rank=self.spec.tp_rank,
+            num_blocks=self.follower.runner.num_blocks, pid=os.getpid(),
+            kv_address=self.receiving.address if self.receiving is not None else None)
 
-    def alive(self) -> dict[str, Any]:
+    def alive(self) -> FollowerAlive:
         """Heartbeat: answered off the stepping thread (it may be blocked in a collective)."""
-        return {"worker_id": self.worker_id, "steps": self.follower.steps,
-                "serving": not self.stopped.is_set()}
+        return FollowerAlive(worker_id=self.worker_id, steps=self.follower.steps,
+                             serving=not self.stopped.is_set())
 
     # ---- decode side: receive this rank's heads ------------------------------------------
 
-    def expect_kv(self, request_id: str, block_ids: list[int], num_senders: int,
-                  timeout_s: float) -> None:
+    def expect_kv(self, expect: ExpectKV) -> None:
         """Rank 0 reserved blocks (the same ids here) for a prefill worker whose TP size makes
         `num_senders` sessions to this rank."""
         assert self.receiving is not None
-        self.receiving.expect(request_id, block_ids, num_senders, lease_s=timeout_s)
+        self.receiving.expect(expect.request_id, expect.block_ids, expect.num_senders,
+                              lease_s=expect.timeout_s)
 
-    async def kv_result(self, request_id: str) -> dict[str, Any]:
+    async def kv_result(self, request_id: str) -> RankTransfer:
         """This rank's part of a transfer, once it is over (ok, failed, cancelled or its
         lease ran out: the receiver reports by the end of the lease)."""
         assert self.receiving is not None
         report = await asyncio.to_thread(self.receiving.part, request_id)
-        return {"ok": report.ok, "num_bytes": report.num_bytes,
-                "error": None if report.ok else f"{self.worker_id}: {report.error}"}
+        return RankTransfer(error=None if report.ok else f"{self.worker_id}: {report.error}",
+                            num_bytes=report.num_bytes)
 
     def cancel_kv(self, request_id: str) -> None:
         assert self.receiving is not None
@@ -132,12 +140,11 @@ class TPFollowerWorker:
 
     # ---- prefill side: ship this rank's heads --------------------------------------------
 
-    def plan_send(self, request_id: str, dst_addresses: list[str],
-                  dst_block_ids: list[int]) -> None:
+    def plan_send(self, plan: SendPlan) -> None:
         """Before rank 0 schedules the request: where this rank's heads go."""
         assert self.shipping is not None
-        self.shipped[request_id] = Future()
-        self.shipping.plan(request_id, dst_addresses, dst_block_ids)
+        self.shipped[plan.request_id] = Future()
+        self.shipping.plan(plan.request_id, plan.dst_addresses, plan.dst_block_ids)
 
     def drop_send(self, request_id: str) -> None:
         """Rank 0 gave up on the request (finished at prefill, aborted, failed)."""
@@ -145,20 +152,20 @@ class TPFollowerWorker:
         self.shipping.drop(request_id, "dropped by rank 0")
         self.shipped.pop(request_id, None)
 
-    async def send_result(self, request_id: str) -> dict[str, Any]:
+    async def send_result(self, request_id: str) -> RankTransfer:
         assert self.shipping is not None
         done = self.shipped.get(request_id)
         if done is None:
-            return {"error": f"{self.worker_id}: no shipment for {request_id}"}
+            return RankTransfer(error=f"{self.worker_id}: no shipment for {request_id}")
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(done), self.spec.kv_timeout_s)
         except asyncio.TimeoutError:
             self.shipping.drop(request_id, "timed out")
-            return {"error": f"{self.worker_id}: no transfer result {self.spec.kv_timeout_s:g} "
-                             "s after rank 0's", "num_bytes": 0}
+            return RankTransfer(error=f"{self.worker_id}: no transfer result "
+                                      f"{self.spec.kv_timeout_s:g} s after rank 0's")
         finally:
             self.shipped.pop(request_id, None)
-        return {"error": result.error, "num_bytes": result.num_bytes}
+        return RankTransfer(error=result.error, num_bytes=result.num_bytes)
 
     def _layer_hook(self, inputs: StepInputs):
         """Open the transfers of the prompts that complete in this step, ship each layer as
@@ -182,11 +189,16 @@ class TPFollowerWorker:
         return ship
 
 
-def follower_errors(replies: list[Any]) -> list[str]:
+def follower_errors(replies: Sequence[RankTransfer | BaseException]) -> list[str]:
     """What went wrong on follower ranks, from their replies to one call each (gathered with
     return_exceptions): a Ray error (a dead rank) or the reply's `error`."""
-    return [f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else r["error"]
-            for r in replies if isinstance(r, BaseException) or r.get("error")]
+    errors = []
+    for r in replies:
+        if isinstance(r, BaseException):
+            errors.append(f"{type(r).__name__}: {r}")
+        elif r.error:
+            errors.append(r.error)
+    return errors
 
 
 def _settle(done: Future[ShipResult]):
