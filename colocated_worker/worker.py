@@ -49,7 +49,7 @@ class ColocatedWorker(WorkerBase):
             return False
 
         found = await self.call(abort)
-        self._push(request_id, self._aborted())
+        self._end_stream(request_id)
         return found
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:

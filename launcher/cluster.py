@@ -94,6 +94,7 @@ class ClusterConfig:
     decode_tp: int = 1
     colocated_tp: int = 1
     fault_layer_delay_s: float = 0.0  # tests: slow prefill's KV shipping to kill peers mid-way
+    fault_reserve_delay_s: float = 0.0  # tests: slow decode reservations to cancel during one
 
     def __post_init__(self) -> None:
         if self.num_colocated:
@@ -345,7 +346,8 @@ class LocalCluster:
             cfg.heartbeat_s, cfg.ttl_s, cfg.router.kv_timeout_s, cfg.fault_layer_delay_s,
             cfg.model, self._secret, cfg.worker_metrics_port, tp_size, tp_rank, tp_init_method,
             cores=self._cores.get(follower_name(worker_id, tp_rank) if tp_rank else worker_id,
-                                  ()))
+                                  ()),
+            fault_reserve_delay_s=cfg.fault_reserve_delay_s)
 
     def _actor_options(self, pool: str, share: float = 1.0, name: str | None = None
                        ) -> dict[str, Any]:

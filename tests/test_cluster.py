@@ -449,6 +449,58 @@ def test_prefill_slower_than_the_kv_lease_still_completes(model_dir, ray_session
         wait_idle(cluster)
 
 
+def test_dead_prefill_worker_is_retried_on_the_same_healthy_decode_worker(model_dir,
+                                                                          ray_session):
+    """SIGKILL the prefill worker's process while it ships the KV to the only decode worker:
+    the retry avoids the side that failed (the prefill worker), so it runs on the other
+    prefill worker and the same decode worker, with the exact tokens and nothing held."""
+    prompt = list(range(3, 90))
+    expected = colocated(model_dir, [prompt])[0]
+    with make_cluster(model_dir, 2, 1, start_redis=False, fault_layer_delay_s=0.4) as cluster:
+        with GenerateClient(cluster.address) as client:
+            call = ThreadPoolExecutor(1).submit(
+                client.generate, build_generate_request(token_ids=prompt, sampling=GREEDY))
+            victim = _holder(cluster, "prefill")
+            os.kill(ray.get(cluster.prefill[victim].ready.remote()).pid, 9)
+            result = call.result(120)
+        assert result.token_ids == expected
+        assert result.final.retries == 1
+        assert result.final.prefill_worker != victim
+        assert result.final.decode_worker == "decode-0"
+        del cluster.prefill[victim]  # Ray restarts it; its fresh engine holds nothing
+        wait_idle(cluster)
+
+
+def test_cancel_during_the_decode_reservation_frees_it_within_a_step(model_dir, ray_session):
+    """The client cancels while the decode worker is making the request's reservation (its
+    engine thread held 2 s by fault injection, the cancel comes once the request is placed):
+    the reservation is freed as soon as it is made, not when the KV deadline (here 10
+    minutes) expires."""
+    router = RouterConfig(kv_timeout_s=600)
+    with make_cluster(model_dir, 1, 1, start_redis=False, router=router,
+                      fault_reserve_delay_s=2.0) as cluster:
+        async def prefill_slot_taken() -> bool:
+            return any(w["slots_busy"] for w in cluster.router.slo.snapshot()["prefill"].values())
+
+        with GenerateClient(cluster.address) as client:
+            prompt = [3 + i % 300 for i in range(400)]
+            call = client.stream(build_generate_request(token_ids=prompt, sampling=GREEDY))
+            deadline = time.monotonic() + 10
+            while not cluster.call(prefill_slot_taken()):  # placed: reserving on decode
+                assert time.monotonic() < deadline, "the request was never placed"
+                time.sleep(0.01)
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+        wait_idle(cluster, timeout_s=10)
+        with GenerateClient(cluster.address) as client:  # and the worker still serves
+            again = client.generate(build_generate_request(token_ids=[5, 6, 7],
+                                                           sampling=GREEDY))
+        assert again.final.finish_reason == "length"
+        wait_idle(cluster)
+
+
 def test_redis_stopped_and_restarted_cluster_keeps_serving(model_dir, ray_session, tmp_path):
     port, proc = start_redis_server(tmp_path / "redis")
     cluster = make_cluster(model_dir, 2, 1, redis_url=f"redis://127.0.0.1:{port}/0",

@@ -36,6 +36,7 @@ from worker_host.spec import WorkerSpec, node_host
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ABORTED_EARLY_MAX = 4096
+STREAM_LINGER_S = 60.0  # an aborted request's stream waits this long for its poller
 
 
 class RequestAborted(ValueError):
@@ -222,9 +223,19 @@ class WorkerBase:
         return StreamItem(StreamKind.FINISHED, list(out.new_token_ids), out.text,
                           finish_reason=out.finish_reason, timing=timing, decode_s=decode_s)
 
-    @staticmethod
-    def _aborted() -> StreamItem:
-        return StreamItem(StreamKind.FINISHED, finish_reason="abort")
+    def _end_stream(self, request_id: str) -> None:
+        """Actor event loop, after an abort: the stream's poller gets a final item. Nobody
+        may ever poll it (a request cancelled before its tokens flowed), so the stream is
+        dropped after a while if still there."""
+        q = self.streams.get(request_id)
+        if q is None:
+            return
+        q.put_nowait(StreamItem(StreamKind.FINISHED, finish_reason="abort"))
+        asyncio.get_running_loop().call_later(STREAM_LINGER_S, self._drop_stream, request_id, q)
+
+    def _drop_stream(self, request_id: str, q: asyncio.Queue[StreamItem]) -> None:
+        if self.streams.get(request_id) is q:
+            del self.streams[request_id]
 
     # ---- engine thread -----------------------------------------------------------------------
 

@@ -44,6 +44,9 @@ class WorkerSpec:
     tp_followers: list[Any] = field(default_factory=list)  # rank 0: actors of ranks 1..
     # CPU cores this process owns alone (worker_host/placement.py); () = not pinned.
     cores: tuple[int, ...] = ()
+    # Fault injection (tests): decode holds its engine thread this long before reserving, so
+    # that a cancel can land while a reservation is being made.
+    fault_reserve_delay_s: float = 0.0
 
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path
