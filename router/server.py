@@ -117,9 +117,10 @@ class Router:
         if http_port is not None:
             self.http = OpenAIServer(self)
             c = self.config
-            self.http_port = await self.http.start(
-                host, http_port, None if tls is None else
-                (c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file))
+            tls_paths = None
+            if tls is not None and c.tls_cert_file and c.tls_key_file:  # as _tls_files read
+                tls_paths = (c.tls_cert_file, c.tls_key_file, c.tls_client_ca_file)
+            self.http_port = await self.http.start(host, http_port, tls_paths)
         if metrics_port is not None:
             self._metrics_server, _ = start_http_server(metrics_port, host,
                                                         registry=self.metrics.registry)
