@@ -6,12 +6,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from engine.config import EngineConfig
+from engine.default_model import resolve_model
+from engine.engine import LLMEngine
+from launcher.client import run_generate
+from launcher.ray_auth import ray_init
+from loadgen.cli import add_bench_parser
 from pdserve_api.errors import ConfigError, InvalidRequestError
 from pdserve_api.sampling import SamplingParams
 from planner.cli import add_plan_parser, add_profile_parser, add_simulate_parser
+from prefix_index.url import redact_url
+from router.auth import new_key_line
+from router.config import RouterConfig
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -38,14 +48,10 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.address:
-        from launcher.client import run_generate
-
         return run_generate(args.address, prompt=args.prompt, chat=args.chat,
                             sampling=_sampling(args), ttft_ms=args.ttft_ms,
                             tpot_ms=args.tpot_ms, priority=args.priority,
                             tls_ca_file=args.tls_ca)
-    from engine.engine import LLMEngine
-
     engine = LLMEngine(_engine_config(args))
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     sampling = _sampling(args)
@@ -60,12 +66,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
+    # Lazily, like `ray` below: Ray may be imported only once its auth environment is set
+    # (launcher/ray_auth.py), and the cluster's modules import it.
     from launcher.cluster import ClusterConfig, LocalCluster
-    from prefix_index.url import redact_url
-    from router.config import RouterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}
     if args.attention_backend:
@@ -107,15 +110,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         index = "redis " + redact_url(cluster.redis_url) if cluster.redis_url else \
             "in process"
         print(f"pdserve: gRPC API on {cluster.address} (prefix index: {index})", file=sys.stderr)
-        if cluster.router.http is not None:
+        router = cluster.router
+        assert router is not None  # started by LocalCluster.__enter__
+        if router.http is not None:
             print(f"pdserve: OpenAI-compatible API on http://{args.host}:"
-                  f"{cluster.router.http_port}/v1", file=sys.stderr)
+                  f"{router.http_port}/v1", file=sys.stderr)
         targets = ", ".join(f'"{t}"' for t in cluster.scrape_targets)
         print(f"pdserve: Prometheus scrape targets (static_configs): [{targets}]",
               file=sys.stderr)
         if args.prompt is not None:
-            from launcher.client import run_generate
-
             return run_generate(cluster.address, prompt=args.prompt, chat=True,
                                 sampling=SamplingParams(max_tokens=args.max_tokens,
                                                         temperature=0.0))
@@ -133,10 +136,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """End the detached workers (and their placement groups) of a namespace."""
-    import ray
+    import ray  # lazily, as in cmd_up: only after ray_auth can set its environment
 
     from launcher.cluster import end_detached_workers
-    from launcher.ray_auth import ray_init
 
     ray_init(address=args.ray_address, namespace=args.namespace, logging_level=logging.WARNING,
              auth_token_file=args.ray_auth_token_file)
@@ -150,8 +152,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key(args: argparse.Namespace) -> int:
-    from router.auth import new_key_line
-
     key, line = new_key_line(args.name, args.rate)
     print(f"key (give to the client, e.g. PDSERVE_API_KEY):  {key}")
     print(f"line for the --api-keys file:                      {line}")
@@ -159,8 +159,6 @@ def cmd_api_key(args: argparse.Namespace) -> int:
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:
-    from engine.default_model import resolve_model
-
     print(resolve_model(args.model))
     return 0
 
@@ -277,8 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
     down.add_argument("--namespace", default="pdserve")
     down.set_defaults(func=cmd_down)
-
-    from loadgen.cli import add_bench_parser
 
     add_bench_parser(sub)
     add_profile_parser(sub)

@@ -29,7 +29,10 @@ from pdserve_api.worker_protocol import (
     WorkerLoad,
     WorkerStats,
 )
+from prefix_index.redis_index import RedisPrefixIndex
 from worker_host.engine_loop import EngineLoop
+from worker_host.index_publisher import IndexPublisher
+from worker_host.metrics import WorkerMetrics
 from worker_host.placement import pin_process
 from worker_host.spec import WorkerSpec, node_host
 
@@ -66,14 +69,9 @@ class WorkerBase:
         # abort ahead of the call that starts the request, which must then refuse it rather
         # than hold blocks nobody will free. Bounded: old ids can no longer arrive.
         self._aborted_early: OrderedDict[str, None] = OrderedDict()
-        from worker_host.metrics import WorkerMetrics
-
         self.metrics = WorkerMetrics(self.mode.value, self.worker_id)
         self.metrics_address = self.metrics.serve(node_host(), spec.metrics_port)
         if self.publishes_blocks and spec.redis_url:
-            from prefix_index.redis_index import RedisPrefixIndex
-            from worker_host.index_publisher import IndexPublisher
-
             self.publisher = IndexPublisher(
                 RedisPrefixIndex(spec.redis_url), self.worker_id, {"role": self.mode.value},
                 ttl_s=spec.ttl_s, heartbeat_s=spec.heartbeat_s,

@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.config import EngineConfig, EngineMode
+from engine.default_model import resolve_model
+from engine.tp_engine import init_tp_group
 
 
 @dataclass
@@ -51,8 +55,6 @@ class WorkerSpec:
     def engine_config(self, mode: EngineMode) -> EngineConfig:
         model = self.model_path
         if not Path(model).exists():
-            from engine.default_model import resolve_model
-
             model = str(resolve_model(self.model_source))
         return EngineConfig(**{**self.engine, "model": model, "mode": mode,
                                "tp_rank": self.tp_rank, "tp_size": self.tp_size})
@@ -61,10 +63,6 @@ class WorkerSpec:
         """Join this worker's TP group (None without TP): gloo on CPU, NCCL on GPU."""
         if self.tp_size == 1:
             return None
-        import torch
-
-        from engine.tp_engine import init_tp_group
-
         if self.tp_init_method is None:
             raise ValueError(f"{self.worker_id}: tp_size {self.tp_size} needs tp_init_method")
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -75,7 +73,7 @@ class WorkerSpec:
 
 def node_host() -> str:
     """The address other hosts reach this worker's KV receiver on (loopback on one host)."""
-    try:
+    try:  # lazily: the launcher imports this module before it sets Ray's auth environment
         import ray
 
         if ray.is_initialized():
