@@ -54,7 +54,7 @@ class WorkerStats:
     """The router's heartbeat (`stats`), answered without waiting for the engine thread."""
 
     worker_id: str  # router: logs
-    free_blocks: int  # router: decode placement (SLOScheduler.update_decode)
+    free_blocks: int  # router: decode placement (router/decode_ranking.py)
     num_running: int  # router: decode placement
     num_blocks: int  # router, tests: pool size
     num_waiting: int  # tests: the engine's queue
@@ -76,7 +76,7 @@ class IntegrityReport:
 
 @dataclass(slots=True, frozen=True)
 class WorkerLoad:
-    """Decode load as of a reply, for placement (router: SLOScheduler.update_decode)."""
+    """Decode load as of a reply, for placement (router: DecodeRanking.update)."""
 
     free_blocks: int
     num_running: int

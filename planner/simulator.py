@@ -3,7 +3,7 @@ elasticity").
 
 What is real and what is modelled:
 - admission, the router's wait queue and prefill placement: the real `router.slo.SLOScheduler`
-  (its `admit`, `acquire`, `release`, `rank_decode`, `update_decode`), on the simulated clock;
+  (its `admit`, `acquire`, `release`, and its decode ranking), on the simulated clock;
   its online timing models learn from the simulated timings as they would from real ones;
 - prefix hits: the prompt's chained block hashes (engine/hashing.py, as the router computes
   them) looked up in each worker's real block manager, as the prefix index would answer;
@@ -212,11 +212,11 @@ class Simulator:
 
     def _reserve_decode(self, run: _Run) -> bool:
         assert run.info is not None
-        for wid in self.slo.rank_decode(run.info):
+        for wid in self.slo.decode.rank(run.info.num_blocks, run.info.tpot_slo_s):
             w = self.workers[wid]
             req = Request(run.req.request_id, list(run.spec.token_ids), run.req.sampling)
             if w.reserve(req, run.spec.max_tokens):
-                self.slo.note_decode_reserved(wid, run.info.num_blocks)
+                self.slo.decode.note_reserved(wid, run.info.num_blocks)
                 run.decode_worker, run.decode_req = w, req
                 self._prefill(run)
                 return True
@@ -291,7 +291,7 @@ class Simulator:
         self._kick(w)
 
     def _decode_changed(self, w: SimWorker, step_s: float | None) -> None:
-        self.slo.update_decode(w.worker_id, free_blocks=w.block_manager.num_free_blocks,
+        self.slo.decode.update(w.worker_id, free_blocks=w.block_manager.num_free_blocks,
                                num_running=w.num_running, step_s=step_s)
         if self._decode_waiting:
             self._retry_decode()

@@ -163,7 +163,8 @@ class RequestFlow:
         request = ReserveRequest(rr.worker_rid, rr.prompt, sampling, self.config.kv_timeout_s,
                                  self.pool.prefill_tp.get(rr.prefill_id or "", 1))
         while True:
-            candidates = self.slo.rank_decode(info, rr.excluded_decode)
+            candidates = self.slo.decode.rank(info.num_blocks, info.tpot_slo_s,
+                                                rr.excluded_decode)
             if not candidates and not (set(self.pool.decode) - rr.excluded_decode):
                 raise RequestFailed("no live decode worker")
             for wid in candidates:
@@ -172,7 +173,7 @@ class RequestFlow:
                     continue
                 # Count the reservation before awaiting it, so that concurrent requests see
                 # this worker's load and spread out; its reply then gives the true figures.
-                self.slo.note_decode_reserved(wid, info.num_blocks)
+                self.slo.decode.note_reserved(wid, info.num_blocks)
                 rr.decode_id = wid  # before the call: a cancel during it must free it
                 try:
                     reply: Reservation | Refused = await actor.reserve.remote(request)
@@ -181,7 +182,7 @@ class RequestFlow:
                     self.pool.worker_died("decode", wid, e)
                     continue
                 if reply.load is not None:
-                    self.slo.update_decode(wid, free_blocks=reply.load.free_blocks,
+                    self.slo.decode.update(wid, free_blocks=reply.load.free_blocks,
                                            num_running=reply.load.num_running)
                 if isinstance(reply, Reservation):
                     return reply

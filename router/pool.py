@@ -107,7 +107,7 @@ class WorkerPool:
             self.slo.remove_prefill_worker(wid)
             self.index.unregister_worker(wid)
         else:
-            self.slo.remove_decode_worker(wid)
+            self.slo.decode.remove_worker(wid)
         self._count_workers()
         if wid in self.followers:
             self._tasks.append(asyncio.create_task(self._replace_tp_worker(role, wid)))
@@ -165,7 +165,7 @@ class WorkerPool:
         else:
             await self._connect_kv(self.prefill, info.kv_addresses)
             self.decode[wid] = actor
-            self.slo.add_decode_worker(wid)
+            self.slo.decode.add_worker(wid)
         self._count_workers()
         log.warning("%s worker %s restarted (pid %s) and is back in the pool", role, wid,
                     info.pid)
@@ -249,7 +249,7 @@ class WorkerPool:
                 *(self._poll("decode", w, a, "stats") for w, a in decode))
             for (wid, _), s in zip(decode, stats):
                 if s is not None:
-                    self.slo.update_decode(wid, free_blocks=s.free_blocks,
+                    self.slo.decode.update(wid, free_blocks=s.free_blocks,
                                            num_running=s.num_running,
                                            step_s=s.step_s if s.steps else None)
             await self._poll_followers()

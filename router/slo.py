@@ -31,8 +31,8 @@ Contract:
 - Every placement must be handed back with `release(placement, ...)` (on success or
   failure), at the request's first token when it has one (`served=True`: both models learn
   from it); a second release of the same placement is a no-op.
-- `rank_decode(req)` orders decode workers by fit (free KV blocks, predicted TPOT); the router
-  keeps it fresh with `update_decode` (worker stats) and `note_decode_reserved` (between stats).
+- `decode` (router/decode_ranking.py) orders decode workers by fit (free KV blocks, predicted
+  TPOT), kept fresh by the router's worker stats.
 - Removing a worker drops it at once: its slots vanish and no waiter is granted it. Its
   outstanding placements may still be released (a no-op for scheduling). Adding a worker that
   is already present changes nothing; re-adding a removed one starts it with fresh models.
@@ -49,10 +49,11 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.decode_ranking import DecodeRanking
 from router.timing_models import Throughput, TimingModel
 from router.timing_profile import Profile
 
@@ -129,14 +130,6 @@ class _PrefillWorker:
 
 
 @dataclass(slots=True)
-class _DecodeWorker:
-    worker_id: str
-    step: TimingModel
-    free_blocks: int | None = None  # None until the first update: treated as plenty
-    num_running: int = 0
-
-
-@dataclass(slots=True)
 class _Grant:
     worker: _PrefillWorker  # the object, not the id: a re-added worker is a new object
     uncached_tokens: int
@@ -182,22 +175,20 @@ class SLOScheduler:
         if rate_window_s <= 0:
             raise ValueError(f"rate_window_s must be positive, got {rate_window_s}")
         self._service_prior = service_prior
-        self._decode_prior = decode_prior
         self._decay = decay
         self.rate_window_s, self.margin_sigmas = rate_window_s, margin_sigmas
         self._clock = clock
         self._started = clock()
         self._admitted: collections.deque[tuple[float, int, int]] = collections.deque()
         self._prefill: dict[str, _PrefillWorker] = {}
-        self._decode: dict[str, _DecodeWorker] = {}
+        # Decode workers are ranked by a module of their own; the router reaches it here.
+        self.decode = DecodeRanking(decode_workers, decode_prior, decay)
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._grant_ids = itertools.count(1)
         self._grants: dict[int, _Grant] = {}
         for w in prefill_workers:
             self.add_prefill_worker(w)
-        for w in decode_workers:
-            self.add_decode_worker(w)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -214,14 +205,6 @@ class SLOScheduler:
 
     def remove_prefill_worker(self, worker_id: str) -> None:
         self._prefill.pop(worker_id, None)
-
-    def add_decode_worker(self, worker_id: str) -> None:
-        if worker_id not in self._decode:
-            a, b = self._decode_prior
-            self._decode[worker_id] = _DecodeWorker(worker_id, TimingModel(a, b, self._decay))
-
-    def remove_decode_worker(self, worker_id: str) -> None:
-        self._decode.pop(worker_id, None)
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -394,40 +377,6 @@ class SLOScheduler:
         self._grants[gid] = _Grant(w, req.num_prompt_tokens - cached, w.inflight_tokens)
         return PrefillPlacement(w.worker_id, cached, ttft, self._clock(), gid)
 
-    # -- decode --------------------------------------------------------------------------------
-
-    def update_decode(self, worker_id: str, *, free_blocks: int, num_running: int,
-                      step_s: float | None = None) -> None:
-        """Latest stats of a decode worker; unknown (e.g. removed) workers are ignored so a
-        late report cannot resurrect a dead worker."""
-        w = self._decode.get(worker_id)
-        if w is None:
-            return
-        w.free_blocks, w.num_running = free_blocks, num_running
-        if step_s is not None:
-            w.step.observe(num_running, step_s)
-
-    def note_decode_reserved(self, worker_id: str, num_blocks: int) -> None:
-        w = self._decode.get(worker_id)
-        if w is None:
-            return
-        if w.free_blocks is not None:
-            w.free_blocks = max(0, w.free_blocks - num_blocks)
-        w.num_running += 1
-
-    def rank_decode(self, req: RequestInfo, exclude: Collection[str] = ()) -> list[str]:
-        need = req.num_blocks + 1  # one spare block for the first decoded tokens
-
-        def free(w: _DecodeWorker) -> float:
-            return math.inf if w.free_blocks is None else w.free_blocks
-
-        def meets(w: _DecodeWorker) -> bool:
-            return req.tpot_slo_s is None or w.step.predict(w.num_running + 1) <= req.tpot_slo_s
-
-        fits = [w for wid, w in self._decode.items() if wid not in exclude and free(w) >= need]
-        fits.sort(key=lambda w: (not meets(w), -free(w), w.num_running))  # stable: add order
-        return [w.worker_id for w in fits]
-
     # -- introspection -------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -439,10 +388,7 @@ class SLOScheduler:
                       "service_model": w.service.as_dict(),
                       "throughput": w.throughput.as_dict()}
                 for wid, w in self._prefill.items()},
-            "decode": {
-                wid: {"free_blocks": w.free_blocks, "num_running": w.num_running,
-                      "step_model": w.step.as_dict()}
-                for wid, w in self._decode.items()},
+            "decode": self.decode.snapshot(),
         }
 
     def export_profile(self, *, model: str, block_size: int, kv_bytes_per_token: int = 0,
@@ -452,14 +398,13 @@ class SLOScheduler:
         as the service model (x = "tokens_in_flight", grant to first token), decode as the step
         model (x = "batch_size"). A pool with no observations yet has no model."""
         prefill = max(self._prefill.values(), key=lambda w: w.service.n, default=None)
-        decode = max(self._decode.values(), key=lambda w: w.step.n, default=None)
+        decode = self.decode.most_observed_model()
         return Profile(
             model=model, source="cluster", block_size=block_size,
             kv_pool_blocks=kv_pool_blocks, kv_bytes_per_token=kv_bytes_per_token,
             prefill=(prefill.service.export("tokens_in_flight")
                      if prefill is not None and prefill.service.n else None),
-            decode=(decode.step.export("batch_size")
-                    if decode is not None and decode.step.n else None),
+            decode=decode.export("batch_size") if decode is not None else None,
             notes="learnt online by the router: prefill is grant to first token (queueing in "
                   "the worker and KV transfer included) against the uncached tokens in flight")
 

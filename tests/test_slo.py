@@ -570,32 +570,37 @@ def test_release_is_idempotent_and_learns_only_when_served():
 def test_rank_decode_orders_by_free_blocks_then_batch_and_drops_misfits():
     s = sched(decode=["d1", "d2", "d3", "d4", "fresh"])
     r = req("r", 128)  # 8 blocks, so a worker needs 9 free
-    s.update_decode("d1", free_blocks=100, num_running=2)
-    s.update_decode("d2", free_blocks=100, num_running=1)
-    s.update_decode("d3", free_blocks=8, num_running=0)
-    s.update_decode("d4", free_blocks=50, num_running=0)
-    assert s.rank_decode(r) == ["fresh", "d2", "d1", "d4"]  # never updated = optimistic
-    assert s.rank_decode(r, exclude={"d2", "fresh"}) == ["d1", "d4"]
-    s.remove_decode_worker("fresh")
-    s.update_decode("fresh", free_blocks=1000, num_running=0)  # a late report: ignored
-    assert s.rank_decode(r) == ["d2", "d1", "d4"]
-    s.note_decode_reserved("d2", 60)
-    assert s.rank_decode(r) == ["d1", "d4", "d2"]
+    s.decode.update("d1", free_blocks=100, num_running=2)
+    s.decode.update("d2", free_blocks=100, num_running=1)
+    s.decode.update("d3", free_blocks=8, num_running=0)
+    s.decode.update("d4", free_blocks=50, num_running=0)
+    # never updated = optimistic
+    assert s.decode.rank(r.num_blocks, r.tpot_slo_s) == ["fresh", "d2", "d1", "d4"]
+    assert s.decode.rank(r.num_blocks, r.tpot_slo_s, exclude={"d2", "fresh"}) == ["d1", "d4"]
+    s.decode.remove_worker("fresh")
+    s.decode.update("fresh", free_blocks=1000, num_running=0)  # a late report: ignored
+    assert s.decode.rank(r.num_blocks, r.tpot_slo_s) == ["d2", "d1", "d4"]
+    s.decode.note_reserved("d2", 60)
+    assert s.decode.rank(r.num_blocks, r.tpot_slo_s) == ["d1", "d4", "d2"]
     assert s.snapshot()["decode"]["d2"] == {
         "free_blocks": 40, "num_running": 2,
         "step_model": {"a": 0.005, "b": 0.0005, "spread": 0.0, "n": 0}}
 
 
+def rank(s, r):
+    return s.decode.rank(r.num_blocks, r.tpot_slo_s)
+
+
 def test_rank_decode_puts_workers_meeting_tpot_first():
     s = sched(decode=["big-busy", "small-idle"])
-    s.update_decode("big-busy", free_blocks=500, num_running=30)  # ~0.0205 s per step
-    s.update_decode("small-idle", free_blocks=40, num_running=1)  # ~0.006 s per step
-    assert s.rank_decode(req("r")) == ["big-busy", "small-idle"]
-    assert s.rank_decode(req("r", tpot_slo_s=0.01)) == ["small-idle", "big-busy"]
+    s.decode.update("big-busy", free_blocks=500, num_running=30)  # ~0.0205 s per step
+    s.decode.update("small-idle", free_blocks=40, num_running=1)  # ~0.006 s per step
+    assert rank(s, req("r")) == ["big-busy", "small-idle"]
+    assert rank(s, req("r", tpot_slo_s=0.01)) == ["small-idle", "big-busy"]
     # Observed step times make the idle worker slow: no one meets the SLO, free blocks decide.
     for _ in range(50):
-        s.update_decode("small-idle", free_blocks=40, num_running=1, step_s=0.05)
-    assert s.rank_decode(req("r", tpot_slo_s=0.01)) == ["big-busy", "small-idle"]
+        s.decode.update("small-idle", free_blocks=40, num_running=1, step_s=0.05)
+    assert rank(s, req("r", tpot_slo_s=0.01)) == ["big-busy", "small-idle"]
 
 
 # -- overload against a simulated batching worker -------------------------------------------
