@@ -222,8 +222,9 @@ def test_openai_client_completions_and_chat(cluster22, model_dir):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=[], max_tokens=3)
     assert "messages" in str(err.value)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="other-model", prompt="hi", max_tokens=3)
+    assert err.value.code == "model_not_found"
 
 
 def test_every_metric_the_dashboard_and_rules_use_is_scraped(cluster22):
@@ -394,7 +395,8 @@ def http_completion(cluster: LocalCluster, req) -> str:
             return "ok"
     except urllib.error.HTTPError as e:
         assert e.code == 429 and e.headers["Retry-After"], (e.code, e.read())
-        assert json.load(e)["error"]["type"] == "rate_limit_error"
+        error = json.load(e)["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
         return "RESOURCE_EXHAUSTED"
 
 

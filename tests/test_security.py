@@ -119,7 +119,8 @@ def test_http_needs_a_valid_key_over_tls(secure_cluster):
     with pytest.raises(urllib.error.HTTPError) as err:
         post(None)
     assert err.value.code == 401
-    assert json.load(err.value)["error"]["type"] == "authentication_error"
+    error = json.load(err.value)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
     with post(s["alice"]) as r:
         assert json.load(r)["usage"]["completion_tokens"] == 3
     models = urllib.request.Request(f"https://127.0.0.1:{cluster.router.http_port}/v1/models",
