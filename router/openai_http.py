@@ -204,7 +204,14 @@ async def _merge(gens: list[Responses]) -> Merged:
     """The requests of one body run concurrently, their messages merged as (index, message);
     the first RouterError (or bug) of any request is raised here. Each request is read to its
     end, so one that finished is never counted as cancelled; closing this generator cancels
-    every request still running."""
+    every request still running. A single request is driven here directly, so closing this
+    generator closes it where it stands (at a yield, as a gRPC cancel does), with no task
+    in between."""
+    if len(gens) == 1:
+        async with contextlib.aclosing(gens[0]) as gen:
+            async for msg in gen:
+                yield 0, msg
+        return
     queue: asyncio.Queue[tuple[int, pdserve_pb2.GenerateResponse | Exception | None]] = (
         asyncio.Queue())
 
