@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pdserve_api import pdserve_pb2
+from router.errors import RouterError
 from router.openai_request import BadRequest, model_not_found, parse_body, read_json
 from router.openai_response import (
     chunk,
@@ -55,7 +56,6 @@ from router.openai_response import (
     router_error_response,
     usage,
 )
-from router.errors import RouterError
 
 if TYPE_CHECKING:  # router/server.py imports this module to serve it
     from router.server import Router
