@@ -242,14 +242,12 @@ def test_a_client_that_leaves_cancels_every_prompt_of_its_list(cluster):
 
 
 def test_one_bad_prompt_fails_its_whole_list(cluster):
-    """The good prompt beside a bad one is cancelled and the body gets the bad one's 400.
-    Last in the module: the cancelled prompt may be inside its decode reservation, which
-    the decode worker frees only at its KV deadline (issue 18, defect 1), so only the router
-    side is checked here."""
+    """The good prompt beside a bad one is cancelled (wherever it stands, its decode
+    reservation included) and the body gets the bad one's 400."""
     cancelled = sample(cluster, "requests_cancelled_total")
     with pytest.raises(openai.BadRequestError) as err:
         client(cluster).completions.create(model="", prompt=[list(range(5, 40)), [10**9]],
                                            **LONG)
     assert "vocabulary" in err.value.body["message"]
-    wait_for(lambda: sample(cluster, "num_requests_running") == 0, "running back to 0")
+    released(cluster)
     assert sample(cluster, "requests_cancelled_total") == cancelled + 1
