@@ -689,7 +689,10 @@ def test_overload_refuses_batch_while_interactive_with_the_same_slo_is_admitted(
         interactive = pool.submit(run, next(fresh), 10, slo_ms)
         assert interactive.result(60) == "ok"
         assert batch.result(60).startswith("RESOURCE_EXHAUSTED"), batch.result()
-        assert "predicted TTFT" in batch.result()
+        # Refused by the TTFT prediction: a finite one over the budget ("predicted TTFT"), or
+        # an infinite wait when the flood's rate exceeds the worker's measured throughput (a
+        # loaded machine); both say "prefill saturated", unlike a full queue.
+        assert "prefill saturated" in batch.result(), batch.result()
         assert [f.result(60) for f in flood] == ["ok"] * len(flood)
         wait_idle(cluster)
 
