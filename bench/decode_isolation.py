@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from engine.default_model import resolve_model
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
     from router.server import RouterConfig
     from worker_host.placement import assign_cores
 

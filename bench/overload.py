@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
 
     mix = random_workload(args, [
         TrafficClass(name="interactive", weight=1, priority=10,

@@ -43,7 +43,8 @@ from loadgen.workloads import TrafficClass, WorkloadConfig
 
 
 def run_mode(args: argparse.Namespace, disaggregated: bool) -> dict[str, Any]:
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
 
     engine: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if disaggregated:

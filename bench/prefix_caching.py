@@ -34,7 +34,8 @@ from loadgen.workloads import WorkloadConfig
 def run_mode(args: argparse.Namespace, caching: bool) -> dict[str, Any]:
     import asyncio
 
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
 
     engine: dict[str, Any] = {"enable_prefix_caching": caching}
     if args.num_kv_blocks:

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
 
     workload = random_workload(args)
     with LocalCluster(ClusterConfig(model=args.model, port=0, worker_num_cpus=0.25)) as cluster:

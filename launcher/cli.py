@@ -68,7 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     # Lazily, like `ray` below: Ray may be imported only once its auth environment is set
     # (launcher/ray_auth.py), and the cluster's modules import it.
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
 
     engine = {"dtype": args.dtype, "device": args.device}
     if args.attention_backend:

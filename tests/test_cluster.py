@@ -23,7 +23,8 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.hashing import chain_hashes
 from launcher.client import GenerateClient
-from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.cluster import LocalCluster
+from launcher.cluster_config import ClusterConfig
 from pdserve_api.messages import build_generate_request
 from pdserve_api.sampling import SamplingParams
 from router.config import RouterConfig

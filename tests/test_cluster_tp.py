@@ -14,7 +14,8 @@ from cluster_helpers import tiny_model, wait_idle
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from launcher.client import GenerateClient, build_generate_request
-from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.cluster import LocalCluster
+from launcher.cluster_config import ClusterConfig
 from pdserve_api.sampling import SamplingParams
 
 ENGINE = {"num_kv_blocks": 96, "max_num_seqs": 8, "max_num_batched_tokens": 128}

@@ -16,7 +16,8 @@ import pytest
 from cluster_helpers import ray_session, tiny_model, wait_idle
 
 from launcher.cli import main as launcher_main
-from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.cluster import LocalCluster
+from launcher.cluster_config import ClusterConfig
 from loadgen.arrivals import ArrivalConfig, Limits
 from loadgen.cli import main as loadgen_main
 from loadgen.runner import BenchConfig, run_bench

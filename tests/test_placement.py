@@ -14,7 +14,8 @@ from cluster_helpers import ray_session as ray_session_cm
 from cluster_helpers import tiny_model, wait_idle
 
 from launcher.client import GenerateClient
-from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.cluster import LocalCluster
+from launcher.cluster_config import ClusterConfig
 from pdserve_api.messages import build_generate_request
 from pdserve_api.sampling import SamplingParams
 from worker_host.placement import InsufficientCoresError, assign_cores, observed

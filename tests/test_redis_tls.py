@@ -161,7 +161,8 @@ def test_cluster_workers_and_router_share_the_index_over_tls(tls_redis, certs, t
     from cluster_helpers import ray_session, tiny_model, wait_idle
 
     from launcher.client import GenerateClient
-    from launcher.cluster import ClusterConfig, LocalCluster
+    from launcher.cluster import LocalCluster
+    from launcher.cluster_config import ClusterConfig
     from pdserve_api.messages import build_generate_request
     from pdserve_api.sampling import SamplingParams
 

@@ -27,7 +27,8 @@ from cluster_helpers import ray_session, tiny_model
 from tls_certs import make_certs
 
 from launcher.client import GenerateClient
-from launcher.cluster import ClusterConfig, LocalCluster
+from launcher.cluster import LocalCluster
+from launcher.cluster_config import ClusterConfig
 from launcher.ray_auth import configure_ray_auth
 from launcher.redis_local import free_port
 from pdserve_api.errors import ConfigError
