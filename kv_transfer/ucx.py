@@ -131,13 +131,7 @@ class UcxReceiver(UcxHandshake, TcpReceiver):
                 time.sleep(1e-3)
 
     def _release(self, inc: Incoming) -> None:
-        stage = inc.extra.pop("stage", None)
-        if stage is None:
-            return
-        if all(r.completed for r in inc.extra.get("reqs", ())):
-            self._device_staging.give(stage)
-        else:
-            self._orphans.append(stage)  # a receive may still land there
+        _return_staging(inc.extra, self._device_staging, self._orphans)
 
     def _drop(self, conn: Conn) -> None:
         if (peer := peer_of(conn)) is not None:
@@ -214,13 +208,7 @@ class UcxSender(UcxHandshake, TcpSender):
             peer.close()  # cancels sends still in flight
 
     def _release_staging(self, session: TcpSession) -> None:
-        stage = session.extra.pop("stage", None)
-        if stage is None:
-            return
-        if all(r.completed for r in session.extra.get("reqs", ())):
-            self._staging.give(stage)
-        else:
-            self._orphans.append(stage)  # a cancelled send may still read it
+        _return_staging(session.extra, self._staging, self._orphans)
 
     def _drop(self, conn: Conn) -> None:
         if (peer := peer_of(conn)) is not None:
@@ -229,3 +217,17 @@ class UcxSender(UcxHandshake, TcpSender):
     def close(self) -> None:
         super().close()
         self._ucx.stop()
+
+
+def _return_staging(extra: dict[str, Any], cache: StagingCache,
+                    orphans: list[torch.Tensor]) -> None:
+    """A session's staging buffer back to its cache once every UCX request posted on it has
+    completed; otherwise kept aside for good, since a receive may still land in it or a
+    cancelled send still read it."""
+    stage = extra.pop("stage", None)
+    if stage is None:
+        return
+    if all(r.completed for r in extra.get("reqs", ())):
+        cache.give(stage)
+    else:
+        orphans.append(stage)
